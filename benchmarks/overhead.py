@@ -1,0 +1,232 @@
+"""Training-step overhead of every method against plain cross-entropy training of the same backbone.
+
+Every row trains the same backbone on the same in-memory batch; the methods and the baseline are interleaved
+(``--repeats`` rounds, each round times every row once) in one process, so machine noise hits them alike. A
+row's ``step_ms`` is the median over rounds of the median step time within a round; ``ratio`` divides it by
+the ``ce`` row's. Extra rows: ``raw_loop`` (a plain PyTorch loop: the cost of Lightning itself) and the
+augmentation pipelines (``augment:per_image``: torchvision transforms image by image, as a DataLoader worker
+runs them; ``augment:batch``: :class:`~kd_lightning.data.transforms.BatchAugment` on the whole uint8 batch).
+
+Usage::
+
+    python benchmarks/overhead.py [--methods ce,raw_loop] [--backbone resnet20] [--batch-size 128] [--json PATH]
+
+A method issue adds its row by registering a builder in ``METHODS`` (a function of :class:`BenchConfig` that
+returns the LightningModule, put in the state of the phase measured, and the batch it trains on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torchvision.transforms import v2
+
+from kd_lightning.data.transforms import BatchAugment, cifar_stats, cifar_train_transform
+from kd_lightning.models.registry import create_backbone
+from kd_lightning.modules.classifier import ClassifierModule
+from kd_lightning.optim import NesterovSGD
+
+
+@dataclass
+class BenchConfig:
+    backbone: str = "resnet20"
+    batch_size: int = 128
+    num_classes: int = 100
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 5
+    seed: int = 0
+
+
+def make_batch(cfg: BenchConfig, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed random batch ``(x, y)`` for the backbone's input shape."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((cfg.batch_size, *input_shape), generator=gen)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
+    return x, y
+
+
+def build_ce(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    module = ClassifierModule(backbone=cfg.backbone, num_classes=cfg.num_classes)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
+#: method name -> builder of (module in the measured phase, batch). Method issues add their rows here.
+METHODS: dict[str, Callable[[BenchConfig], tuple[pl.LightningModule, Any]]] = {"ce": build_ce}
+
+
+class _StepTimer(Callback):
+    """Wall time between consecutive ``on_train_batch_end`` calls: one whole training step, hooks included."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+class _RepeatedBatch:
+    """An iterable loader that yields the same batch ``length`` times (no collate or copy cost)."""
+
+    def __init__(self, batch: Any, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def time_lightning(builder: Callable, cfg: BenchConfig) -> float:
+    """Median seconds per Lightning training step of the module ``builder`` makes."""
+    torch.manual_seed(cfg.seed)
+    module, batch = builder(cfg)
+    timer = _StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=_RepeatedBatch(batch, cfg.warmup + cfg.steps + 1))
+    return statistics.median(timer.times[cfg.warmup :])
+
+
+def time_raw_loop(cfg: BenchConfig) -> float:
+    """Median seconds per step of a plain PyTorch loop: same backbone, optimizer, schedule and batch."""
+    torch.manual_seed(cfg.seed)
+    model = create_backbone(cfg.backbone, cfg.num_classes).train()
+    x, y = make_batch(cfg, model.input_shape)
+    optimizer = NesterovSGD(model.parameters())
+    times = []
+    for _ in range(cfg.warmup + cfg.steps):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[cfg.warmup :])
+
+
+def time_augment(cfg: BenchConfig, on_batch: bool) -> float:
+    """Median seconds to augment one CIFAR-sized batch, per image (torchvision) or as one batch op."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    if on_batch:
+        augment = BatchAugment(*cifar_stats("cifar10")).train()
+
+        def run() -> None:
+            augment(images)
+
+    else:
+        pil = [v2.functional.to_pil_image(img) for img in images]
+        transform = cifar_train_transform()
+
+        def run() -> None:
+            torch.stack([transform(img) for img in pil])
+
+    times = []
+    for _ in range(cfg.warmup + cfg.steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[cfg.warmup :])
+
+
+EXTRA_ROWS: dict[str, Callable[[BenchConfig], float]] = {
+    "raw_loop": time_raw_loop,
+    "augment:per_image": lambda cfg: time_augment(cfg, on_batch=False),
+    "augment:batch": lambda cfg: time_augment(cfg, on_batch=True),
+}
+
+
+def run_benchmark(methods: list[str], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Interleaved rounds over ``methods`` (``ce`` always included); rows with ``step_ms`` and ``ratio``."""
+    names = ["ce", *[m for m in methods if m != "ce"]]
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(cfg.repeats):
+        for name in names:
+            seconds = EXTRA_ROWS[name](cfg) if name in EXTRA_ROWS else time_lightning(METHODS[name], cfg)
+            samples[name].append(seconds)
+    ce_ms = 1000 * statistics.median(samples["ce"])
+    rows = []
+    for name in names:
+        step_ms = 1000 * statistics.median(samples[name])
+        row = {
+            "method": name,
+            "backbone": cfg.backbone,
+            "batch_size": cfg.batch_size,
+            "step_ms": round(step_ms, 3),
+            "ratio": round(step_ms / ce_ms, 4),
+            "samples_per_s": round(1000 * cfg.batch_size / step_ms, 1),
+            "rounds_ms": [round(1000 * s, 3) for s in samples[name]],
+        }
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'method':<22}{'step ms':>10}{'ratio vs ce':>13}{'samples/s':>12}"]
+    lines += [f"{r['method']:<22}{r['step_ms']:>10.2f}{r['ratio']:>13.3f}{r['samples_per_s']:>12.1f}" for r in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    choices = sorted({*METHODS, *EXTRA_ROWS})
+    parser.add_argument("--methods", default=",".join(choices), help=f"comma-separated rows among {choices}")
+    parser.add_argument("--backbone", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in choices]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose among {choices}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
+    cfg = BenchConfig(args.backbone, args.batch_size, args.num_classes, args.steps, args.warmup, args.repeats)
+    rows = run_benchmark(args.methods.split(","), cfg)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,36 @@
+"""kd-lightning: knowledge-distillation methods as PyTorch Lightning modules.
+
+The public API: method modules, callbacks, datamodules, the backbone registry and :func:`load_module`.
+"""
+
+from kd_lightning.callbacks import RNGStateCheckpoint
+from kd_lightning.checkpoints import load_module
+from kd_lightning.data import (
+    CIFARDataModule,
+    ClassificationDataModule,
+    DigitsDataModule,
+    SyntheticDataModule,
+    TwoViews,
+)
+from kd_lightning.models import Backbone, create_backbone, list_backbones, register_backbone
+from kd_lightning.modules import ClassifierModule
+from kd_lightning.optim import NesterovSGD, warmup_cosine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "CIFARDataModule",
+    "ClassificationDataModule",
+    "ClassifierModule",
+    "DigitsDataModule",
+    "NesterovSGD",
+    "RNGStateCheckpoint",
+    "SyntheticDataModule",
+    "TwoViews",
+    "create_backbone",
+    "list_backbones",
+    "load_module",
+    "register_backbone",
+    "warmup_cosine",
+]

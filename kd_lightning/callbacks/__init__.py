@@ -1,0 +1,5 @@
+"""Callbacks: reproducibility now; generations and diagnostics come with their methods."""
+
+from kd_lightning.callbacks.reproducibility import RNGStateCheckpoint
+
+__all__ = ["RNGStateCheckpoint"]

@@ -1,0 +1,16 @@
+"""Datamodules and transforms."""
+
+from kd_lightning.data.base import ClassificationDataModule
+from kd_lightning.data.cifar import CIFARDataModule
+from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.synthetic import SyntheticDataModule
+from kd_lightning.data.transforms import BatchAugment, TwoViews
+
+__all__ = [
+    "BatchAugment",
+    "CIFARDataModule",
+    "ClassificationDataModule",
+    "DigitsDataModule",
+    "SyntheticDataModule",
+    "TwoViews",
+]

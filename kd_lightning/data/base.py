@@ -1,0 +1,327 @@
+"""Shared machinery of the classification datamodules: loaders, split, shuffling generator, views, on-device hook.
+
+A dataset-specific subclass only says what the data is: it loads the raw training pool and the raw test set
+(samples ``(raw_x, label)`` without any transform), gives the per-sample training and evaluation transforms, and,
+for on-device augmentation, a :class:`~kd_lightning.data.transforms.BatchAugment`. Everything else is here:
+
+* **Split.** ``val_size`` samples of the training pool are held out for validation, stratified by class and drawn
+  with a generator seeded by ``split_seed`` (independent of the training seed). They get the evaluation
+  transform even though they come from the training files. ``val_size=0`` trains on the whole pool with no
+  validation loop (the papers' protocol: train on everything, report test): :meth:`val_dataloader` then returns
+  ``[]``, which Lightning 2.6 reads as one empty loader: zero validation batches, so the validation loop and the
+  sanity check are skipped (Lightning warns "Total length of `list` across ranks is zero").
+* **Views.** ``views=2`` gives training batches ``((x_a, x_b), y)``: two independently augmented views of the
+  same images and one label tensor (evaluation batches stay ``(x, y)``).
+* **Exact resume.** Every DataLoader gets its own ``torch.Generator``, so creating an iterator never draws from the
+  global RNG (a DataLoader draws its workers' base seed, and ``RandomSampler`` its permutation, from
+  ``loader.generator`` or, without one, from the global RNG). The training loader's two generators belong to the
+  datamodule: :attr:`shuffle_generator` (its ``RandomSampler``'s: one permutation per epoch) and the loader's own
+  (the workers' base seed, drawn per iterator, i.e. once per run with persistent workers). Keeping them apart makes
+  the order of epoch ``k`` independent of ``num_workers``. Both are seeded from ``shuffle_seed`` (or, when None,
+  ``torch.initial_seed()`` at construction, so ``seed_everything`` governs them), and their states are what
+  :meth:`state_dict` returns: Lightning stores it in checkpoints and calls :meth:`load_state_dict` before the
+  loaders are built, so a run resumed from an epoch-end checkpoint shuffles the following epochs exactly as the
+  uninterrupted run. (Under a distributed strategy Lightning replaces the sampler with a ``DistributedSampler``,
+  which shuffles with its own epoch-based seed.) Evaluation loaders get a fresh fixed-seed generator each time.
+* **On-device augmentation.** When a subclass sets :attr:`batch_augment`, its loaders yield ``uint8`` images and
+  :meth:`on_after_batch_transfer` augments them on the accelerator (``trainer.training``: random crop/flip and
+  normalise, each view independently; otherwise normalise only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
+from typing_extensions import override
+
+from kd_lightning.data.transforms import BatchAugment, TwoViews
+
+__all__ = ["ClassificationDataModule", "TransformedSubset", "collate_pairs", "stratified_split"]
+
+#: Seed of the generator every evaluation loader gets (it only draws the workers' base seed).
+EVAL_LOADER_SEED = 0
+
+
+def stratified_split(labels: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Stratified split of the indices ``0..N-1`` into ``(rest, held_out)``, ``held_out`` of length ``size``.
+
+    Each class gets ``floor(size * n_c / N)`` held-out samples; the remaining ones go to the classes with the
+    largest fractional parts (ties broken at random). Samples are drawn uniformly within each class.
+
+    Args:
+        labels: ``(N,)`` integer class labels.
+        size: Number of held-out indices, ``0 <= size <= N``.
+        generator: Source of randomness (the split is a function of its state).
+
+    Returns:
+        ``(rest, held_out)``: two sorted long tensors partitioning ``0..N-1``.
+    """
+    n = labels.numel()
+    if not 0 <= size <= n:
+        raise ValueError(f"Cannot hold out {size} of {n} samples.")
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * size / n
+    take = quota.floor().long()
+    missing = size - int(take.sum())
+    order = torch.randperm(len(classes), generator=generator)
+    by_fraction = order[torch.argsort((quota - take)[order], descending=True, stable=True)]
+    take[by_fraction[:missing]] += 1
+    held = [torch.empty(0, dtype=torch.long)]
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        members = (labels == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    held_out = torch.cat(held).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held_out] = False
+    return keep.nonzero().flatten(), held_out
+
+
+class TransformedSubset(Dataset):
+    """The samples ``indices`` of a raw ``(x, y)`` dataset, with ``transform`` applied to ``x``.
+
+    Args:
+        dataset: A map-style dataset of ``(raw_x, label)`` pairs.
+        indices: Which samples to expose (None: all of them, in order).
+        transform: Per-sample transform of ``raw_x`` (None: identity).
+    """
+
+    def __init__(
+        self, dataset: Dataset, indices: Sequence[int] | Tensor | None = None, transform: Callable | None = None
+    ) -> None:
+        self.dataset = dataset
+        self.indices = indices.tolist() if isinstance(indices, Tensor) else indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        x, y = self.dataset[self.indices[index] if self.indices is not None else index]
+        return (self.transform(x) if self.transform is not None else x), y
+
+
+def collate_pairs(samples: list[tuple[Any, Any]]) -> tuple[Any, Tensor]:
+    """``default_collate`` that returns an ``(x, y)`` tuple, with two views as a tuple ``(x_a, x_b)``."""
+    x, y = default_collate(samples)
+    return (tuple(x) if isinstance(x, list) else x), y
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Shared loaders, seeded split, shuffling generator, views option (see the module docstring).
+
+    Subclasses implement :attr:`num_classes`, :attr:`input_shape`, :meth:`_load_train_pool` and
+    :meth:`_load_test_set`, and optionally :meth:`_train_transform`, :meth:`_eval_transform`,
+    :attr:`superclass_map` and :attr:`batch_augment`.
+
+    Args:
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes (``> 0`` also sets ``persistent_workers=True``).
+        pin_memory: Pin host memory (None: True iff CUDA is available).
+        val_size: Samples held out of the training pool for validation (0: no validation loop).
+        split_seed: Seed of the validation split (kept apart from the training seed).
+        shuffle_seed: Seed of the training loader's shuffling generator (None: ``torch.initial_seed()`` at
+            construction, so ``seed_everything`` governs it).
+        views: 1, or 2 for two independently augmented views per training image.
+        drop_last: Drop the last incomplete training batch.
+    """
+
+    #: On-device augmentation applied in :meth:`on_after_batch_transfer` (None: loaders yield ready tensors).
+    batch_augment: BatchAugment | None = None
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        val_size: int = 0,
+        split_seed: int = 0,
+        shuffle_seed: int | None = None,
+        views: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 (or None for batch_size), got {eval_batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0 (0: no validation split), got {val_size}.")
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed if shuffle_seed is not None else torch.initial_seed()
+        self.views = views
+        self.drop_last = drop_last
+        #: Generator of the training sampler's permutations.
+        self.shuffle_generator = torch.Generator().manual_seed(self.shuffle_seed)
+        #: Generator of the training loader's worker base seeds (another stream of the same seed).
+        self.worker_seed_generator = torch.Generator().manual_seed((self.shuffle_seed + 1) % 2**64)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ----------------------------------------------------------------------------------------- what a subclass says
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one (transformed) input sample, without the batch dimension, e.g. ``(3, 32, 32)``."""
+        raise NotImplementedError
+
+    @property
+    def superclass_map(self) -> Tensor | None:
+        """``(num_classes,)`` long tensor mapping each class to its super-class, or None when there is none."""
+        return None
+
+    @property
+    def num_superclasses(self) -> int | None:
+        """Number of super-classes, or None when there is no super-class map."""
+        mapping = self.superclass_map
+        return None if mapping is None else int(mapping.max()) + 1
+
+    def _load_train_pool(self) -> tuple[Dataset, Tensor]:
+        """The raw training pool (``(raw_x, label)`` samples, no transform) and its ``(N,)`` long labels."""
+        raise NotImplementedError
+
+    def _load_test_set(self) -> Dataset:
+        """The raw test set (``(raw_x, label)`` samples, no transform)."""
+        raise NotImplementedError
+
+    def _train_transform(self) -> Callable | None:
+        """Per-sample training transform of a raw sample (None: identity)."""
+        return None
+
+    def _eval_transform(self) -> Callable | None:
+        """Per-sample evaluation transform of a raw sample (None: identity)."""
+        return None
+
+    # ------------------------------------------------------------------------------------------------ datasets
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` (all of them for None); already built ones are kept."""
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            pool, labels = self._load_train_pool()
+            if self.val_size >= len(labels):
+                raise ValueError(
+                    f"val_size={self.val_size} leaves no training samples: the training pool has {len(labels)}."
+                )
+            generator = torch.Generator().manual_seed(self.split_seed)
+            train_idx, val_idx = stratified_split(labels, self.val_size, generator)
+            transform = self._train_transform()
+            if self.views == 2 and self.batch_augment is None:
+                transform = TwoViews(transform if transform is not None else _identity)
+            self.train_set = TransformedSubset(pool, train_idx, transform)
+            self.val_set = TransformedSubset(pool, val_idx, self._eval_transform()) if self.val_size > 0 else None
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = TransformedSubset(self._load_test_set(), None, self._eval_transform())
+
+    # ------------------------------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if train:
+            sampler, generator = RandomSampler(dataset, generator=self.shuffle_generator), self.worker_seed_generator
+        else:
+            sampler, generator = SequentialSampler(dataset), torch.Generator().manual_seed(EVAL_LOADER_SEED)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
+            drop_last=self.drop_last and train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_pairs,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self._loader(self.train_set, train=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader, or ``[]`` when ``val_size=0`` (Lightning then skips validation)."""
+        if self.val_size == 0:
+            return []
+        if self.val_set is None:
+            self.setup("validate")
+        assert self.val_set is not None
+        return self._loader(self.val_set, train=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup("test")
+        assert self.test_set is not None
+        return self._loader(self.test_set, train=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, as ``(x, y)`` batches."""
+        return self.test_dataloader()
+
+    # --------------------------------------------------------------------------------------- on-device hook
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Apply :attr:`batch_augment` on the device (training: augment each view; otherwise normalise only)."""
+        if self.batch_augment is None:
+            return batch
+        trainer = self.trainer
+        return self.device_transform(batch, train=trainer is not None and trainer.training)
+
+    def device_transform(self, batch: tuple[Tensor, Tensor], train: bool) -> tuple[Any, Tensor]:
+        """Turn a ``uint8`` batch ``(x, y)`` into a model batch with :attr:`batch_augment`.
+
+        Args:
+            batch: ``(x, y)`` with ``x`` a ``uint8`` ``(B, C, H, W)`` tensor on any device.
+            train: Augment (and produce ``views`` views); otherwise only normalise.
+
+        Returns:
+            ``(x, y)``, or ``((x_a, x_b), y)`` for ``train`` with ``views=2``.
+        """
+        augment = self.batch_augment
+        if augment is None:
+            return batch
+        x, y = batch
+        augment.train(train)
+        if train and self.views == 2:
+            return (augment(x), augment(x)), y
+        return augment(x), y
+
+    # ----------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The states of the training loader's generators (saved in Lightning checkpoints)."""
+        return {
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "worker_seed_generator": self.worker_seed_generator.get_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generators in place (loaders already built keep using them)."""
+        for name in ("shuffle_generator", "worker_seed_generator"):
+            getattr(self, name).set_state(state_dict[name].to("cpu", torch.uint8))
+
+
+def _identity(x: Any) -> Any:
+    return x

@@ -1,0 +1,136 @@
+"""Backbone registry: ``register_backbone`` / ``create_backbone`` / ``list_backbones``.
+
+Every classification backbone honours the contract of DESIGN.md (the timm convention):
+
+* ``stem``: what comes before the first stage;
+* ``stages``: an ``nn.ModuleList`` of the network's stages;
+* ``head``: what follows the last stage (final norm, activation, pooling, flatten, VGG's FC layers), ending in
+  a ``(B, D)`` feature vector;
+* ``classifier``: an ``nn.Linear`` from ``D`` to ``num_classes``;
+* ``forward_features(x) = head(stages(stem(x)))`` and ``forward(x) = classifier(forward_features(x))``.
+
+:class:`Backbone` implements the two forwards from those four parts, so a network only builds them.
+``models/branches.py`` relies on this split to build branch-based students for any registered backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import Tensor, nn
+
+__all__ = ["Backbone", "create_backbone", "he_init_", "list_backbones", "register_backbone"]
+
+
+class Backbone(nn.Module):
+    """Base class of the backbone contract: ``stem -> stages -> head -> classifier``.
+
+    Subclasses assign ``self.stem``, ``self.stages`` (``nn.ModuleList``), ``self.head`` and ``self.classifier``
+    (``nn.Linear``) in ``__init__``; ``num_features`` is the width ``D`` of :meth:`forward_features`.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    head: nn.Module
+    classifier: nn.Linear
+    #: Shape of one input sample, without the batch dimension (used by tests, benchmarks and examples).
+    input_shape: tuple[int, ...] = (3, 32, 32)
+
+    @property
+    def num_features(self) -> int:
+        """Width ``D`` of the feature vector that feeds the classifier."""
+        return self.classifier.in_features
+
+    @property
+    def num_classes(self) -> int:
+        """Number of outputs of the classifier."""
+        return self.classifier.out_features
+
+    def forward_stages(self, x: Tensor) -> Tensor:
+        """Input -> output of the last stage (before ``head``)."""
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Output of the last stage -> ``(B, D)`` features."""
+        return self.head(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Input -> ``(B, D)`` features (penultimate layer)."""
+        return self.forward_head(self.forward_stages(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Input -> ``(B, num_classes)`` logits."""
+        return self.classifier(self.forward_features(x))
+
+
+def he_init_(module: nn.Module) -> None:
+    """In place: the He initialisation of the CIFAR reference implementations (He et al. 2015, "Delving Deep").
+
+    As fb.resnet.torch, the WRN and DenseNet Torch code do: convolution weights ~ N(0, 2 / (k * k * C_out))
+    (``kaiming_normal_``, ``fan_out``, ReLU gain), batch norms weight 1 and bias 0, linear layers PyTorch's
+    default weight; every convolution and linear bias 0.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+BackboneFactory = Callable[..., Backbone]
+F = TypeVar("F", bound=BackboneFactory)
+
+_REGISTRY: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str | None = None) -> Callable[[F], F]:
+    """Decorator that registers a factory ``fn(num_classes: int, **kw) -> Backbone`` under ``name``.
+
+    Example::
+
+        @register_backbone("my_net")
+        def my_net(num_classes: int, width: int = 64) -> Backbone: ...
+
+    Registering a name twice is an error (it would silently change what configs build).
+    """
+
+    def decorator(fn: F) -> F:
+        key = name or fn.__name__
+        if key in _REGISTRY and _REGISTRY[key] is not fn:
+            raise ValueError(f"backbone {key!r} is already registered (by {_REGISTRY[key].__module__})")
+        _REGISTRY[key] = fn
+        return fn
+
+    return decorator
+
+
+def _ensure_builtin_backbones() -> None:
+    # Importing the package registers the built-in backbones; imported lazily to avoid an import cycle.
+    import kd_lightning.models  # noqa: F401
+
+
+def list_backbones() -> list[str]:
+    """Sorted names of all registered backbones."""
+    _ensure_builtin_backbones()
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, num_classes: int, **kwargs) -> Backbone:
+    """Build the registered backbone ``name`` with ``num_classes`` outputs.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the valid names), or ``num_classes < 1``.
+    """
+    _ensure_builtin_backbones()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(_REGISTRY))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,5 @@
+"""Method modules: one LightningModule per method, all built on :class:`ClassifierModule`."""
+
+from kd_lightning.modules.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule"]

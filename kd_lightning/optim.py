@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules with the papers' defaults as real, printable values.
+
+``functools.partial`` defaults do not serialise in ``--print_config`` and plain ``torch.optim.SGD`` shows torch's
+own defaults, so the defaults the papers use live in small subclasses whose signatures carry them.
+lightning-bolts' ``LinearWarmupCosineAnnealingLR`` is :func:`warmup_cosine` here (torch's ``SequentialLR``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+__all__ = ["NesterovSGD", "warmup_cosine"]
+
+
+class NesterovSGD(torch.optim.SGD):
+    """SGD with Nesterov momentum and the CIFAR defaults of the papers: lr 0.1, momentum 0.9, weight decay 5e-4."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = True,
+    ) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_epochs: int, warmup_epochs: int = 0, eta_min: float = 0.0
+) -> LRScheduler:
+    """Cosine annealing over ``total_epochs`` epochs, after an optional linear warm-up of ``warmup_epochs``.
+
+    .. math:: \\eta_e = \\eta_{min} + \\tfrac12(\\eta_0 - \\eta_{min})(1 + \\cos(\\pi e' / E')),
+
+    with ``e'`` and ``E'`` counted after the warm-up. The schedule is stepped once per epoch.
+
+    Raises:
+        ValueError: ``total_epochs < 1`` or a warm-up that does not fit in ``total_epochs``.
+    """
+    if total_epochs < 1:
+        raise ValueError(f"the cosine schedule needs total_epochs >= 1, got {total_epochs}")
+    if not 0 <= warmup_epochs < total_epochs:
+        raise ValueError(f"warmup_epochs must be in [0, total_epochs={total_epochs}), got {warmup_epochs}")
+    cosine = CosineAnnealingLR(optimizer, T_max=total_epochs - warmup_epochs, eta_min=eta_min)
+    if warmup_epochs == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=1.0 / (warmup_epochs + 1), total_iters=warmup_epochs)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
