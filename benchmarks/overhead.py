@@ -36,6 +36,10 @@ from torchvision.transforms import v2
 from kd_lightning.data.transforms import BatchAugment, cifar_stats, cifar_train_transform
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.modules.classifier import ClassifierModule
+from kd_lightning.modules.components import FrozenTeacher
+from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.dups import DUPSModule
+from kd_lightning.modules.snapshot import SnapshotDistillModule
 from kd_lightning.optim import NesterovSGD
 
 
@@ -65,6 +69,80 @@ def build_ce(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
 
 #: method name -> builder of (module in the measured phase, batch). Method issues add their rows here.
 METHODS: dict[str, Callable[[BenchConfig], tuple[pl.LightningModule, Any]]] = {"ce": build_ce}
+
+
+class _CEWithTeacherForward(ClassifierModule):
+    """The reference of the ``kd`` row: a CE step plus a frozen teacher's forward on the same batch (result unused)."""
+
+    def __init__(self, teacher: FrozenTeacher, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._teacher = (teacher,)  # out of the module tree, as in DistillModule
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _CEWithTeacherForward:
+        super()._apply(fn, recurse)
+        self._teacher[0]._apply(fn, recurse)
+        return self
+
+    def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        self._teacher[0](batch[0])
+        return super().training_losses(batch)
+
+
+def build_ce_teacher_forward(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    teacher = FrozenTeacher(create_backbone(cfg.backbone, cfg.num_classes))
+    module = _CEWithTeacherForward(teacher, backbone=cfg.backbone, num_classes=cfg.num_classes)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
+def build_kd(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """DistillModule (vanilla KD) with a teacher of the same backbone: compare with ``ce+teacher_forward``."""
+    teacher = create_backbone(cfg.backbone, cfg.num_classes)
+    module = DistillModule(teacher=teacher, backbone=cfg.backbone, num_classes=cfg.num_classes)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
+METHODS["ce+teacher_forward"] = build_ce_teacher_forward
+METHODS["kd"] = build_kd
+
+
+class _DUPSInStageOne(DUPSModule):
+    """DUPSModule held in stage 1 (KD from the class targets), in a statistics epoch or not, for timing."""
+
+    def __init__(self, statistics_epoch: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._statistics_epoch = statistics_epoch
+        self.class_targets.targets.copy_(torch.randn(self.num_classes, self.num_classes).softmax(-1))
+        self.class_targets.has_target.fill_(True)
+
+    def current_stage(self) -> int:
+        return 1
+
+    def collects_statistics(self) -> bool:
+        return self._statistics_epoch
+
+
+class _SnapshotInStageOne(SnapshotDistillModule):
+    """SnapshotDistillModule held in stage 1 (KD from the snapshot teacher), for timing."""
+
+    def current_stage(self) -> int:
+        return 1
+
+
+def build_dups(cfg: BenchConfig, statistics_epoch: bool) -> tuple[pl.LightningModule, Any]:
+    """DUPS in a distillation stage (``dups_kd``) or in its last epoch, also collecting statistics (``dups_stats``)."""
+    module = _DUPSInStageOne(statistics_epoch, backbone=cfg.backbone, num_classes=cfg.num_classes, num_stages=1)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
+def build_snapshot(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """Snapshot Distillation in a distillation stage (one extra forward of the snapshot per step)."""
+    module = _SnapshotInStageOne(backbone=cfg.backbone, num_classes=cfg.num_classes, num_stages=1)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
+METHODS["dups_kd"] = lambda cfg: build_dups(cfg, statistics_epoch=False)
+METHODS["dups_stats"] = lambda cfg: build_dups(cfg, statistics_epoch=True)
+METHODS["sd"] = build_snapshot
 
 
 class _StepTimer(Callback):

@@ -3,7 +3,7 @@
 The public API: method modules, callbacks, datamodules, the backbone registry and :func:`load_module`.
 """
 
-from kd_lightning.callbacks import RNGStateCheckpoint
+from kd_lightning.callbacks import DistillDiagnostics, RNGStateCheckpoint
 from kd_lightning.checkpoints import load_module
 from kd_lightning.data import (
     CIFARDataModule,
@@ -13,22 +13,36 @@ from kd_lightning.data import (
     TwoViews,
 )
 from kd_lightning.models import Backbone, create_backbone, list_backbones, register_backbone
-from kd_lightning.modules import ClassifierModule
-from kd_lightning.optim import NesterovSGD, warmup_cosine
+from kd_lightning.modules import (
+    ClassifierModule,
+    ClassTargetTable,
+    DistillModule,
+    DUPSModule,
+    FrozenTeacher,
+    SnapshotDistillModule,
+)
+from kd_lightning.optim import NesterovSGD, cyclic_cosine, warmup_cosine
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
     "CIFARDataModule",
+    "ClassTargetTable",
     "ClassificationDataModule",
     "ClassifierModule",
+    "DUPSModule",
     "DigitsDataModule",
+    "DistillDiagnostics",
+    "DistillModule",
+    "FrozenTeacher",
     "NesterovSGD",
     "RNGStateCheckpoint",
+    "SnapshotDistillModule",
     "SyntheticDataModule",
     "TwoViews",
     "create_backbone",
+    "cyclic_cosine",
     "list_backbones",
     "load_module",
     "register_backbone",

@@ -10,9 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import (
+    CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
+    LinearLR,
+    LRScheduler,
+    SequentialLR,
+)
 
-__all__ = ["NesterovSGD", "warmup_cosine"]
+__all__ = ["NesterovSGD", "cyclic_cosine", "warmup_cosine"]
 
 
 class NesterovSGD(torch.optim.SGD):
@@ -50,3 +56,20 @@ def warmup_cosine(
         return cosine
     warmup = LinearLR(optimizer, start_factor=1.0 / (warmup_epochs + 1), total_iters=warmup_epochs)
     return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+
+
+def cyclic_cosine(optimizer: torch.optim.Optimizer, cycle_epochs: int, eta_min: float = 0.0) -> LRScheduler:
+    """Cosine annealing restarted every ``cycle_epochs`` epochs: the cyclic schedule of Snapshot Distillation and DUPS+.
+
+    .. math:: \\eta_e = \\eta_{min} + \\tfrac12(\\eta_0 - \\eta_{min})(1 + \\cos(\\pi\\,(e \\bmod t) / t)),
+
+    with ``t = cycle_epochs`` and 0-indexed epochs ``e``: cycle ``k`` covers epochs ``k*t .. k*t+t-1`` and starts
+    again at :math:`\\eta_0` (SGDR of Loshchilov & Hutter 2017 with :math:`T_{mult}=1`; torch's
+    ``CosineAnnealingWarmRestarts``). Stepped once per epoch.
+
+    Raises:
+        ValueError: ``cycle_epochs < 1``.
+    """
+    if cycle_epochs < 1:
+        raise ValueError(f"the cyclic cosine schedule needs cycle_epochs >= 1, got {cycle_epochs}")
+    return CosineAnnealingWarmRestarts(optimizer, T_0=cycle_epochs, eta_min=eta_min)

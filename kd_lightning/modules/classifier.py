@@ -109,7 +109,7 @@ class ClassifierModule(pl.LightningModule):
         batch_size = len(batch[-1])
         if len(losses) > 1:
             self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, on_epoch=True, batch_size=batch_size)
         return total
 
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:

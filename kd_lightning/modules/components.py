@@ -6,4 +6,343 @@ language-model module use the same code without inheriting from each other.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kd_lightning.models.registry import create_backbone
+
+__all__: list[str] = ["ClassTargetTable", "FrozenTeacher", "TeacherOutputCache"]
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen teacher network: always in eval mode, run without gradients, left out of every optimizer.
+
+    * ``train()`` is overridden to keep eval mode, so neither Lightning (which before 2.2 put every submodule
+      back into train mode after validation) nor a user's ``module.train()`` can update its BatchNorm statistics
+      or turn on its dropout.
+    * Its parameters have ``requires_grad=False`` (optimizers built from trainable parameters skip them) and its
+      forward runs under ``torch.no_grad()``.
+
+    Build it from an ``nn.Module`` (``FrozenTeacher(net)``) or from a backbone name and a checkpoint
+    (:meth:`from_checkpoint`). A host module best holds it outside its own module tree, as
+    :class:`~kd_lightning.DistillModule` does (see its ``teacher`` property and ``_apply``): then the teacher's weights
+    stay out of the host's ``state_dict`` and checkpoints, DDP does not broadcast its buffers, and Lightning does not
+    warn about a submodule in eval mode.
+
+    Args:
+        network: the teacher; ``network(x)`` returns ``(B, K)`` logits.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        backbone: str,
+        num_classes: int,
+        checkpoint: str | Path,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> FrozenTeacher:
+        """A registered backbone with the weights of a checkpoint.
+
+        ``checkpoint`` is a Lightning checkpoint of any kd_lightning module (its ``backbone.*`` weights are taken,
+        so a distilled student can teach in turn) or a plain ``state_dict`` of the backbone (or of a module holding
+        it as ``backbone``). ``backbone_kwargs=None`` takes the checkpoint's own ``backbone_kwargs`` hyperparameter
+        when it has one.
+
+        Raises:
+            FileNotFoundError: no file at ``checkpoint``.
+            ValueError: the checkpoint holds another backbone or another number of classes (the message names
+                both), or its weights do not fit.
+        """
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"no teacher checkpoint at {path}")
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        lightning_format = isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict)
+        state = raw["state_dict"] if lightning_format else raw
+        hparams = raw.get("hyper_parameters", {}) if lightning_format else {}
+        saved = (hparams.get("backbone", backbone), hparams.get("num_classes", num_classes))
+        if saved != (backbone, num_classes):
+            raise ValueError(
+                f"teacher checkpoint {path} holds backbone {saved[0]!r} with num_classes={saved[1]}, but the teacher "
+                f"is configured as backbone {backbone!r} with num_classes={num_classes}"
+            )
+        if backbone_kwargs is None:
+            backbone_kwargs = hparams.get("backbone_kwargs") or {}
+        network = create_backbone(backbone, num_classes, **backbone_kwargs)
+        if any(key.startswith("backbone.") for key in state):
+            state = {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"teacher checkpoint {path} does not fit backbone {backbone!r} with num_classes={num_classes} "
+                f"(backbone_kwargs={backbone_kwargs}): {error}"
+            ) from error
+        return cls(network)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Stays in eval mode whatever ``mode`` is (the guard against being switched to training)."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Teacher logits, computed without gradients."""
+        with torch.no_grad():
+            return self.network(x)
+
+    @property
+    def classifier_weight(self) -> Tensor:
+        """``(K, D)`` weight of the teacher's last layer (the backbone contract's ``classifier``)."""
+        holder = self.network if hasattr(self.network, "classifier") else self.network.backbone
+        return holder.classifier.weight
+
+
+class ClassTargetTable(nn.Module):
+    """Per-class teacher distributions averaged over peer samples of the class (DUPS, Eq. 4-5), with statistics.
+
+    Row ``c`` of :attr:`targets` is the teacher signal :math:`f_T(c)` shared by every sample of class ``c``:
+
+    .. math:: f_T(c) = \\frac{1}{|Y_c|} \\sum_{(x, c) \\in Y_c} \\mathrm{softmax}(z(x) / T)
+        \\quad\\text{(``average="probs"``, default)}, \\qquad
+        f_T(c) = \\mathrm{softmax}\\Big(\\frac{1}{|Y_c|} \\sum_{(x, c) \\in Y_c} z(x) / T\\Big)
+        \\quad\\text{(``average="logits"``)},
+
+    over a set :math:`Y_c` of at most ``num_peers`` samples of class ``c`` (all of them for None). The paper's
+    "average softened logit" reads either way; the two differ (the mean of softmaxes is flatter).
+
+    Use: :meth:`update` with each batch's logits during a statistics pass (vectorised: no loop over samples or
+    classes), then :meth:`finalize` once on every rank: it sums the statistics over ranks *before* dividing, so every
+    rank holds the same table, replaces the rows of the classes that were seen, and clears the statistics. A class
+    seen by no sample keeps its previous row; a class that never had one keeps a zero row, which gives no KD term
+    (``KL(0 || p) = 0``), and ``has_target[c] = False``.
+
+    Peers: with ``num_peers = n``, :meth:`update` keeps, per class, the first samples it is given until the class
+    has its quota, taking a random subset of the samples of one batch (random ranks within the class from a random
+    permutation). When the batches come in random order (a shuffled training loader, or the shuffled pass of
+    DUPSModule's ``statistics="recompute"``), the kept samples are a uniformly random subset of the class. Over
+    ``W`` ranks, rank ``r`` keeps :math:`\\lfloor n/W \\rfloor + [r < n \\bmod W]` samples per class (see
+    :meth:`peers_per_rank`), so exactly ``n`` in total when every rank sees enough of the class.
+
+    Buffers (saved in checkpoints, moved to the module's device): ``targets`` ``(C, C)``, ``has_target`` ``(C,)``
+    bool, and the running statistics ``sums`` ``(C, C)`` and ``counts`` ``(C,)`` (float32). DDP's
+    ``broadcast_buffers`` would overwrite every rank's statistics with rank 0's at each forward (and send the table
+    at every step): the module that owns a table calls :meth:`exclude_from_ddp_broadcast` in its ``__init__``.
+
+    Args:
+        num_classes: ``C``.
+        temperature: ``T > 0`` of the softening.
+        num_peers: at most this many samples per class over all ranks (None: every sample of the pass).
+        average: ``"probs"`` (mean of softmax(z/T)) or ``"logits"`` (softmax of the mean logit / T).
+
+    Raises:
+        ValueError: ``num_classes < 1``, ``temperature <= 0``, ``num_peers < 1`` or an unknown ``average``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        temperature: float,
+        num_peers: int | None = None,
+        average: Literal["probs", "logits"] = "probs",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if num_peers is not None and num_peers < 1:
+            raise ValueError(f"num_peers must be >= 1 or None (all samples of the class), got {num_peers}")
+        if average not in ("probs", "logits"):
+            raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.num_peers = num_peers
+        self.average = average
+        self.register_buffer("targets", torch.zeros(num_classes, num_classes))
+        self.register_buffer("has_target", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("sums", torch.zeros(num_classes, num_classes))
+        self.register_buffer("counts", torch.zeros(num_classes))
+
+    def forward(self, labels: Tensor) -> Tensor:
+        """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
+        return self.targets[labels]
+
+    def exclude_from_ddp_broadcast(self, root: nn.Module) -> None:
+        """Keep DDP (``broadcast_buffers=True``, Lightning's default) from syncing this table's buffers.
+
+        ``root`` is the module DDP wraps (the LightningModule) holding this table; the buffers' qualified names are
+        added to ``root._ddp_params_and_buffers_to_ignore`` (torch's hook for this), before DDP wraps ``root``.
+        """
+        prefix = next(name for name, module in root.named_modules() if module is self)
+        ignored = getattr(root, "_ddp_params_and_buffers_to_ignore", [])
+        names = [f"{prefix}.{name}" for name, _ in self.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [*ignored, *names])
+
+    def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
+        """Samples per class that rank ``rank`` of ``world_size`` keeps: ``n // W + (rank < n % W)``; None: all."""
+        if self.num_peers is None:
+            return None
+        return self.num_peers // world_size + int(rank < self.num_peers % world_size)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
+        """Add the ``(B, C)`` logits (detached) of samples with ``(B,)`` labels to the per-class statistics.
+
+        With ``num_peers``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
+        within the batch, the samples of a class are taken in a random order (this draws from the global RNG).
+        """
+        values = logits.detach().float()
+        if self.average == "probs":
+            values = (values / self.temperature).softmax(dim=-1)
+        quota = self.peers_per_rank(rank, world_size)
+        if quota is None:
+            weight = torch.ones_like(labels, dtype=values.dtype)
+        else:
+            weight = (self.counts[labels] + _random_rank_within_class(labels) < quota).to(values.dtype)
+        self.sums.index_add_(0, labels, values * weight[:, None])
+        self.counts.index_add_(0, labels, weight)
+
+    @torch.no_grad()
+    def finalize(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Sum the statistics over ranks, turn them into targets, clear them; returns the ``(C,)`` summed counts.
+
+        Args:
+            reduce: sums a tensor over ranks (e.g. ``partial(trainer.strategy.reduce, reduce_op="sum")``); None:
+                ``torch.distributed.all_reduce`` when a process group is initialised, else no reduction. Called
+                once, with the sums and counts in one ``(C, C + 1)`` tensor, so every rank must call
+                :meth:`finalize` at the same point.
+        """
+        stats = torch.cat([self.sums, self.counts[:, None]], dim=1)
+        if reduce is not None:
+            stats = reduce(stats)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        sums, counts = stats[:, :-1], stats[:, -1]
+        seen = counts > 0
+        mean = sums / counts.clamp_min(1)[:, None]
+        if self.average == "logits":
+            mean = (mean / self.temperature).softmax(dim=-1)
+        self.targets.copy_(torch.where(seen[:, None], mean, self.targets))
+        self.has_target |= seen
+        self.reset_statistics()
+        return counts
+
+    def reset_statistics(self) -> None:
+        """Clear the running sums and counts (the targets stay)."""
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, temperature={self.temperature}, num_peers={self.num_peers}, "
+            f"average={self.average!r}"
+        )
+
+
+def _random_rank_within_class(labels: Tensor) -> Tensor:
+    """``(B,)`` rank of each sample among the samples of its class in the batch, in a uniformly random order.
+
+    A random permutation, then a stable sort by label groups each class in permuted order; a sample's rank is its
+    position minus the position of its class's first sample (``searchsorted``).
+    """
+    perm = torch.randperm(labels.numel(), device=labels.device)
+    sorted_labels, order = labels[perm].sort(stable=True)
+    position = torch.arange(labels.numel(), device=labels.device)
+    ranks = torch.empty_like(position)
+    ranks[perm[order]] = position - torch.searchsorted(sorted_labels, sorted_labels)
+    return ranks
+
+
+class TeacherOutputCache(nn.Module):
+    """The teacher's top-k probabilities of every training input, stored compactly and looked up by input content.
+
+    For inputs without random augmentation (the synthetic data, language models' fixed windows) the teacher's output
+    never changes, so one pass is enough. During the first epoch :meth:`encode` compresses the teacher's
+    distributions (the ``k`` largest probabilities at the distillation temperature as float16, their classes as int32)
+    and :meth:`add` stores them under a content key of the input (two random projections of the flattened input, in
+    float64); :meth:`finalize` sorts the keys, after which :meth:`lookup` finds a batch's rows with ``searchsorted``
+    (vectorised, no teacher forward). :meth:`decode` rebuilds ``(B, K)`` distributions, the remaining mass spread
+    uniformly over the other ``K - k`` classes: exact up to float16 when ``k = K``, otherwise KD-topk's target
+    (Sec. 5.3 of Tang et al.). The same decoded values are used while filling and afterwards, so a run does not
+    depend on when the cache was built. Memory: ``N * (6k + 16)`` bytes; the buffers are not checkpointed (a resumed
+    run rebuilds them in its first epoch).
+
+    Args:
+        k: probabilities kept per input.
+        seed: seed of the projections.
+    """
+
+    def __init__(self, k: int, seed: int = 0) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"the teacher cache keeps k >= 1 probabilities per input, got k={k}")
+        self.k = k
+        self.seed = seed
+        self.register_buffer("keys", torch.empty(0, 2, dtype=torch.float64), persistent=False)
+        self.register_buffer("values", torch.empty(0, k, dtype=torch.float16), persistent=False)
+        self.register_buffer("indices", torch.empty(0, k, dtype=torch.int32), persistent=False)
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.ready = False
+
+    def key(self, x: Tensor) -> Tensor:
+        """``(B, 2)`` float64 content keys of the inputs ``(B, ...)``."""
+        flat = x.flatten(1).double()
+        generator = torch.Generator().manual_seed(self.seed)
+        projection = torch.randn(flat.shape[1], 2, generator=generator, dtype=torch.float64).to(flat.device)
+        return flat @ projection
+
+    def encode(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, K)`` distributions -> their ``k`` largest values (float16) and classes (int32)."""
+        values, indices = probs.float().topk(min(self.k, probs.shape[1]), dim=-1)
+        return values.half(), indices.int()
+
+    @staticmethod
+    def decode(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
+        """``(B, k)`` values and classes -> ``(B, K)`` float32 distributions, the rest of the mass uniform."""
+        values = values.float()
+        k = values.shape[1]
+        rest = (1.0 - values.sum(-1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
+        full = rest.expand(-1, num_classes).scatter(1, indices.long(), values)
+        return full / full.sum(-1, keepdim=True)
+
+    def add(self, x: Tensor, values: Tensor, indices: Tensor) -> None:
+        """Stores encoded outputs of the inputs ``x`` (while filling, before :meth:`finalize`)."""
+        self._pending.append((self.key(x), values, indices))
+
+    def finalize(self) -> None:
+        """Sorts what :meth:`add` stored; :meth:`lookup` works from now on."""
+        if not self._pending:
+            return
+        keys, values, indices = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
+        order = keys[:, 0].argsort()
+        self.keys, self.values, self.indices = keys[order], values[order], indices[order]
+        self._pending.clear()
+        self.ready = True
+
+    def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoded outputs ``(values, indices)`` of the inputs ``x``.
+
+        Raises:
+            KeyError: an input was not seen while filling (its content changed: random augmentation?).
+        """
+        query = self.key(x)
+        pos = torch.searchsorted(self.keys[:, 0].contiguous(), query[:, 0].contiguous())
+        candidates = torch.stack([(pos - 1).clamp(min=0), pos.clamp(max=len(self.keys) - 1)], dim=1)
+        distance = (self.keys[candidates] - query[:, None, :]).abs().sum(-1)
+        best = candidates.gather(1, distance.argmin(1, keepdim=True)).squeeze(1)
+        scale = query.abs().sum(-1).clamp_min(1.0)
+        if not bool(((self.keys[best] - query).abs().sum(-1) <= 1e-9 * scale).all()):
+            raise KeyError(
+                "an input is not in the teacher cache: the training inputs must be the same every epoch (no random "
+                "augmentation) to cache the teacher's outputs"
+            )
+        return self.values[best], self.indices[best]

@@ -1,0 +1,256 @@
+"""DistillModule: a student trained from a frozen teacher with any target of Tang et al.'s partial-KD family."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from kd_lightning.losses import kd_kl_div
+from kd_lightning.modules.classifier import ClassifierModule
+from kd_lightning.modules.components import FrozenTeacher, TeacherOutputCache
+from kd_lightning.targets import (
+    TABLE_OF_KIND,
+    TEACHER_FORWARD_KINDS,
+    check_target_kind,
+    kd_target,
+    rel_table,
+    sim_table,
+    teacher_distribution,
+)
+
+__all__ = ["TEACHER_OBJECT", "DistillModule"]
+
+#: What ``hparams["teacher"]`` records when the teacher was passed as an ``nn.Module``: a checkpoint cannot rebuild
+#: it, so loading asks for it again.
+TEACHER_OBJECT = "<nn.Module passed from Python>"
+
+
+class DistillModule(ClassifierModule):
+    """Knowledge distillation from a frozen teacher (Hinton et al. 2015) and its partial variants (Tang et al. 2020).
+
+    The loss (Eq. 2 of Tang et al. with the :math:`T^2` of their App. 7.2), logged as ``train/ce`` and ``train/kd``:
+
+    .. math:: \\mathcal{L} = (1-\\alpha)\\,\\mathrm{CE}(y, p^s) + \\alpha T^2\\,\\mathrm{KL}(\\rho \\,\\|\\, p^s_T),
+
+    where :math:`\\rho` is the teacher distribution of ``target_kind`` (see :mod:`kd_lightning.targets`): ``kd``,
+    ``ls``, ``pt``, ``sim``, ``pt+sim``, ``topk``, ``rel``, ``pt+rel``. Kinds that need no teacher output (``ls``,
+    ``sim``, ``rel``) never run the teacher's forward; ``sim`` reads the teacher's classifier weights once (a
+    ``K x K`` table), ``rel`` the datamodule's ``superclass_map`` at set-up.
+
+    The teacher is a :class:`~kd_lightning.modules.components.FrozenTeacher` (eval mode throughout, no gradients,
+    not optimised) given either as ``teacher_backbone`` + ``teacher_checkpoint`` (recorded in the hyperparameters, so
+    :func:`~kd_lightning.load_module` and ``fit --ckpt_path`` rebuild it from them alone) or as an ``nn.Module`` from
+    Python (then loading a checkpoint needs ``teacher=`` again). Its weights stay out of the student's checkpoints
+    unless ``save_teacher=True``. With no teacher and a kind that needs one, the module trains with cross-entropy only
+    until :meth:`set_teacher` is called (the first generation of generational KD), and warns at fit start.
+
+    Args:
+        target_kind: the teacher distribution :math:`\\rho`, one of :data:`~kd_lightning.targets.TARGET_KINDS`.
+        alpha: :math:`\\alpha \\in [0, 1]`, weight of the distillation term.
+        temperature: :math:`T > 0` of the student's (and the teacher's) softmax in the distillation term.
+        teacher: the teacher as a module (its logits from ``teacher(x)``); exclusive with ``teacher_checkpoint``.
+        teacher_backbone: registered backbone name of the teacher.
+        teacher_checkpoint: path of the teacher's weights: a Lightning checkpoint of any kd_lightning module or a
+            plain ``state_dict`` (see :meth:`FrozenTeacher.from_checkpoint`).
+        teacher_backbone_kwargs: the teacher backbone's keyword arguments; None: those its checkpoint records.
+        save_teacher: also write the teacher's weights into the student's checkpoints.
+        topk: ``k`` of ``topk`` (``1 <= k < num_classes``).
+        pt_weight: :math:`\\lambda` of ``pt+sim`` / ``pt+rel``: :math:`\\lambda\\rho^{pt} + (1-\\lambda)\\rho^{other}`.
+        sim_power: power :math:`a` of ``sim`` (see :func:`~kd_lightning.targets.sim_table`).
+        sim_temperature: softmax temperature :math:`b` of ``sim``.
+        rel_gt_mass: ``rel``'s mass on the ground truth.
+        rel_superclass_mass: ``rel``'s mass on the ground truth's super-class siblings, all together.
+        cache_teacher_topk: cache the teacher's ``k`` largest probabilities of every training input during the first
+            epoch and look them up afterwards instead of running the teacher (a
+            :class:`~kd_lightning.modules.components.TeacherOutputCache`; only for data without random augmentation;
+            ``k = num_classes`` keeps the whole distribution). None: no cache.
+        **kwargs: the student's :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
+
+    Raises:
+        ValueError: an unknown ``target_kind``, a hyperparameter out of range, a teacher given twice or half given, or
+            a teacher checkpoint of another backbone / number of classes.
+    """
+
+    hparams_ignore: ClassVar[tuple[str, ...]] = (*ClassifierModule.hparams_ignore, "teacher")
+
+    def __init__(
+        self,
+        target_kind: str = "kd",
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        teacher: nn.Module | None = None,
+        teacher_backbone: str | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_backbone_kwargs: dict[str, Any] | None = None,
+        save_teacher: bool = False,
+        topk: int = 5,
+        pt_weight: float = 0.5,
+        sim_power: float = 1.0,
+        sim_temperature: float = 0.1,
+        rel_gt_mass: float = 0.6,
+        rel_superclass_mass: float = 0.3,
+        cache_teacher_topk: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_target_kind(target_kind)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if target_kind == "topk" and not 1 <= topk < self.num_classes:
+            raise ValueError(f"topk must be in [1, num_classes={self.num_classes}), got {topk}")
+        if not 0.0 <= pt_weight <= 1.0:
+            raise ValueError(f"pt_weight must be in [0, 1], got {pt_weight}")
+        if isinstance(teacher, str):
+            raise ValueError(
+                "this DistillModule was trained with a teacher passed as an nn.Module, which its hyperparameters "
+                "cannot rebuild: pass it again, e.g. load_module(path, teacher=teacher_net) or "
+                "DistillModule.load_from_checkpoint(path, teacher=teacher_net) (or train with teacher_backbone + "
+                "teacher_checkpoint)"
+            )
+        if teacher is not None and (teacher_backbone is not None or teacher_checkpoint is not None):
+            raise ValueError("give the teacher either as an nn.Module or as teacher_backbone + teacher_checkpoint")
+        if (teacher_backbone is None) != (teacher_checkpoint is None):
+            raise ValueError(
+                f"teacher_backbone and teacher_checkpoint go together, got teacher_backbone={teacher_backbone!r} "
+                f"and teacher_checkpoint={teacher_checkpoint!r}"
+            )
+        self.target_kind = target_kind
+        self.alpha = alpha
+        self.temperature = temperature
+        self.register_buffer("class_table", None, persistent=False)
+        use_cache = cache_teacher_topk is not None and target_kind in TEACHER_FORWARD_KINDS
+        self.teacher_cache = TeacherOutputCache(cache_teacher_topk) if use_cache else None
+        self._teacher: tuple[FrozenTeacher, ...] = ()  # out of the module tree: see `teacher`
+        if teacher_checkpoint is not None:
+            teacher = FrozenTeacher.from_checkpoint(
+                teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs
+            )
+            self._set_teacher(teacher)
+        elif teacher is not None:
+            self.set_teacher(teacher)
+
+    # ------------------------------------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        """The frozen teacher, or None.
+
+        It is held outside the module tree: it is not in ``state_dict()`` (so not in checkpoints, unless
+        ``save_teacher``), not wrapped by DDP (no buffer broadcasts), not reached by ``module.train()`` or
+        ``module.apply()``, and not reported by Lightning's eval-mode check; :meth:`_apply` still moves and casts it
+        with the module (``.to(device)``, ``.half()`` ...).
+        """
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DistillModule:
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        return self
+
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        """Installs (or removes) a teacher given as a module; recorded in ``hparams`` as :data:`TEACHER_OBJECT`."""
+        self.hparams["teacher"] = None if teacher is None else TEACHER_OBJECT
+        self.hparams["teacher_backbone"] = self.hparams["teacher_checkpoint"] = None
+        self._set_teacher(teacher)
+
+    def _set_teacher(self, teacher: nn.Module | None) -> None:
+        if teacher is not None and not isinstance(teacher, FrozenTeacher):
+            teacher = FrozenTeacher(teacher)
+        if teacher is not None:
+            teacher.to(self.device)
+        self._teacher = () if teacher is None else (teacher,)
+        if TABLE_OF_KIND.get(self.target_kind) == "sim" and teacher is not None:
+            weight = teacher.classifier_weight
+            if weight.shape[0] != self.num_classes:
+                raise ValueError(
+                    f"the teacher's classifier has {weight.shape[0]} classes but the student has "
+                    f"num_classes={self.num_classes}"
+                )
+            hp = self.hparams
+            self.class_table = sim_table(weight, hp.sim_power, hp.sim_temperature).to(self.device)
+
+    def uses_teacher(self) -> bool:
+        """Whether the distillation term is on: a kind that needs no teacher, or a teacher installed."""
+        return self.teacher is not None or self.target_kind in ("ls", "rel")
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_losses(self, batch: Any) -> dict[str, Tensor]:
+        x, y = self.unpack_batch(batch)
+        logits = self(x)
+        ce = self.cross_entropy(logits, y)
+        if not self.uses_teacher():
+            return {"ce": ce}
+        rho = self.teacher_targets(x, y)
+        kd = kd_kl_div(logits, rho, self.temperature)
+        return {"ce": (1.0 - self.alpha) * ce, "kd": self.alpha * kd}
+
+    def teacher_targets(self, x: Tensor, y: Tensor) -> Tensor:
+        """``(B, K)`` float32 distribution :math:`\\rho` of the batch; the teacher runs only for kinds that need it."""
+        hp = self.hparams
+        teacher_logits = None
+        if self.target_kind in TEACHER_FORWARD_KINDS:
+            teacher_logits = self.teacher(x) if self.teacher_cache is None else self._cached_teacher_logits(x)
+        return teacher_distribution(
+            self.target_kind,
+            y,
+            self.num_classes,
+            teacher_logits=teacher_logits,
+            class_table=self.class_table,
+            temperature=self.temperature,
+            k=hp.topk,
+            pt_weight=hp.pt_weight,
+        )
+
+    def _cached_teacher_logits(self, x: Tensor) -> Tensor:
+        """Teacher logits at temperature ``T`` rebuilt from the cache (``T * log p``: same softmax at ``T``)."""
+        cache = self.teacher_cache
+        if cache.ready:
+            values, indices = cache.lookup(x)
+        else:
+            values, indices = cache.encode(kd_target(self.teacher(x), self.temperature))
+            cache.add(x, values, indices)
+        return cache.decode(values, indices, self.num_classes).log() * self.temperature
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None and not self.teacher_cache.ready:
+            self.teacher_cache.finalize()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if TABLE_OF_KIND.get(self.target_kind) == "rel":
+            datamodule = getattr(self.trainer, "datamodule", None)
+            superclass_map = getattr(datamodule, "superclass_map", None)
+            if superclass_map is None:
+                raise ValueError(
+                    f"target_kind={self.target_kind!r} needs the datamodule's superclass_map (the super-class of "
+                    f"every class), but {type(datamodule).__name__} has none: use a datamodule with super-classes "
+                    "(SyntheticDataModule, CIFARDataModule with dataset='cifar100') or another target_kind"
+                )
+            hp = self.hparams
+            self.class_table = rel_table(superclass_map, hp.rel_gt_mass, hp.rel_superclass_mass).to(self.device)
+
+    def on_fit_start(self) -> None:
+        if not self.uses_teacher():
+            rank_zero_warn(
+                f"DistillModule(target_kind={self.target_kind!r}) has no teacher: it trains with cross-entropy only "
+                "until set_teacher() is called"
+            )
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.save_teacher and self.teacher is not None:
+            checkpoint["state_dict"].update(self.teacher.state_dict(prefix="teacher."))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Teacher weights saved with save_teacher=True replace those the hyperparameters rebuilt.
+        state = checkpoint["state_dict"]
+        keys = [key for key in state if key.startswith("teacher.")]
+        teacher_state = {key.removeprefix("teacher."): state.pop(key) for key in keys}
+        if teacher_state and self.teacher is not None:
+            self.teacher.load_state_dict(teacher_state)
