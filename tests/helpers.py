@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 
 TINY_SYNTHETIC = {
     "num_classes": 6,
@@ -40,3 +41,14 @@ def fast_trainer(tmp_path, **overrides: Any) -> pl.Trainer:
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+class CrashAt(Callback):
+    """Raises an ordinary exception at the start of ``epoch`` (a crash; KeyboardInterrupt would end pytest)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")

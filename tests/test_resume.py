@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kd_lightning import ClassifierModule, RNGStateCheckpoint
 from kd_lightning.data import SyntheticDataModule
-from tests.helpers import TINY_SYNTHETIC, fast_trainer, tiny_mlp_kwargs
+from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs
 
 EPOCHS = 3
 
@@ -20,15 +20,6 @@ class NoisyClassifier(ClassifierModule):
     def training_losses(self, batch):
         x, y = batch
         return super().training_losses((x + 0.1 * torch.randn_like(x), y))
-
-
-class CrashAt(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def _run(tmp_path, seed: int, rng_state: bool, ckpt_path=None, crash_at: int | None = None) -> ClassifierModule:

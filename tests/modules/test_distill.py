@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning import ClassifierModule, DistillModule, FrozenTeacher, RNGStateCheckpoint, load_module
 from kd_lightning.data import SyntheticDataModule
@@ -13,7 +13,7 @@ from kd_lightning.losses import kd_kl_div
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.modules.components import TeacherOutputCache
 from kd_lightning.targets import TARGET_KINDS, TEACHER_FORWARD_KINDS, pt_target, rel_table, sim_table, topk_target
-from tests.helpers import TINY_SYNTHETIC, fast_trainer
+from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer
 
 IN, C = TINY_SYNTHETIC["input_dim"], TINY_SYNTHETIC["num_classes"]
 TEACHER_KWARGS = {"in_features": IN, "hidden": 32}
@@ -234,15 +234,6 @@ def test_teacher_object_must_be_passed_again_to_load(tmp_path, tiny_synthetic):
         load_module(tmp_path / "student.ckpt")
     loaded = load_module(tmp_path / "student.ckpt", teacher=net)
     assert loaded.teacher.network is net
-
-
-class CrashAt(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def _run(root, teacher_ckpt, seed, ckpt_path=None, crash_at=None) -> DistillModule:

@@ -16,7 +16,7 @@ from kd_lightning.data import SyntheticDataModule
 from kd_lightning.modules.components import _random_rank_within_class
 from kd_lightning.modules.dups import StageSchedule
 from kd_lightning.optim import NesterovSGD
-from tests.helpers import TINY_SYNTHETIC, fast_trainer, tiny_mlp_kwargs
+from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs
 
 C = TINY_SYNTHETIC["num_classes"]
 
@@ -356,15 +356,6 @@ def test_recompute_mode_uses_the_stage_end_model_in_eval_mode(tmp_path, num_peer
 
 
 # ------------------------------------------------------------------------------------------------ resume and state
-class CrashAt(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 def _fit(root, seed: int, crash_at: int | None = None, ckpt_path=None) -> DUPSModule:
     pl.seed_everything(seed)
     data = SyntheticDataModule(**TINY_SYNTHETIC)
