@@ -142,16 +142,31 @@ class ClassifierModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return next(iter(self.eval_outputs(x).values())).float().softmax(dim=-1)
 
+    def eval_log_prefix(self, stage: str) -> str:
+        """Prefix of every evaluation metric's name: ``"<stage>/"`` (a module that must keep runs apart, e.g. the
+        generations of :class:`~kd_lightning.GenerationalKD`, adds to it)."""
+        return f"{stage}/"
+
+    def eval_extra_metrics(self, outputs: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        """Scalar batch statistics of the evaluation outputs beyond accuracy (e.g. OKDDip's peer diversity, the
+        generations' confidence), logged as ``<prefix><name>`` and averaged over the epoch and the ranks. None here."""
+        return {}
+
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch
         outputs = self.eval_outputs(x)
+        base = self.eval_log_prefix(stage)
         for index, (name, logits) in enumerate(outputs.items()):
-            prefix = f"{stage}/" if index == 0 else f"{stage}/{name}/"
+            prefix = base if index == 0 else f"{base}{name}/"
             metrics = self.metrics[f"{stage}_{name}"]
             metrics.update(logits, y)
             self.log_dict({prefix + k: m for k, m in metrics.items()}, batch_size=len(y), prog_bar=index == 0)
             if index == 0:
-                self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), batch_size=len(y), sync_dist=True)
+                self.log(f"{base}loss", F.cross_entropy(logits.float(), y), batch_size=len(y), sync_dist=True)
+        extras = self.eval_extra_metrics(outputs, y)
+        if extras:
+            extras = {base + k: v.detach().float() for k, v in extras.items()}
+            self.log_dict(extras, batch_size=len(y), sync_dist=True)
 
     def _build_metrics(self) -> None:
         top_k = min(5, self.num_classes)
