@@ -39,6 +39,7 @@ from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.components import FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
+from kd_lightning.modules.generations import GenerationModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
 from kd_lightning.optim import NesterovSGD
 
@@ -101,8 +102,16 @@ def build_kd(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
     return module, make_batch(cfg, module.backbone.input_shape)
 
 
+def build_generation_student(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """A GenerationModule in generation 1 (Eq. 4, teacher = generation 0 of the same backbone): compare with ``kd``."""
+    module = GenerationModule(backbone=cfg.backbone, num_classes=cfg.num_classes)
+    module.start_next_generation(seed=0)
+    return module, make_batch(cfg, module.backbone.input_shape)
+
+
 METHODS["ce+teacher_forward"] = build_ce_teacher_forward
 METHODS["kd"] = build_kd
+METHODS["generation_student"] = build_generation_student
 
 
 class _DUPSInStageOne(DUPSModule):

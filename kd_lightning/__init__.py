@@ -3,7 +3,7 @@
 The public API: method modules, callbacks, datamodules, the backbone registry and :func:`load_module`.
 """
 
-from kd_lightning.callbacks import DistillDiagnostics, RNGStateCheckpoint
+from kd_lightning.callbacks import DistillDiagnostics, GenerationalKD, RNGStateCheckpoint
 from kd_lightning.checkpoints import load_module
 from kd_lightning.data import (
     CIFARDataModule,
@@ -19,6 +19,7 @@ from kd_lightning.modules import (
     DistillModule,
     DUPSModule,
     FrozenTeacher,
+    GenerationModule,
     SnapshotDistillModule,
 )
 from kd_lightning.optim import NesterovSGD, cyclic_cosine, warmup_cosine
@@ -36,6 +37,8 @@ __all__ = [
     "DistillDiagnostics",
     "DistillModule",
     "FrozenTeacher",
+    "GenerationModule",
+    "GenerationalKD",
     "NesterovSGD",
     "RNGStateCheckpoint",
     "SnapshotDistillModule",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_kl_div", "kd_kl_div_logits", "soft_cross_entropy"]
+__all__ = ["kd_kl_div", "kd_kl_div_logits", "score_difference", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -56,3 +56,26 @@ def kd_kl_div_logits(
     log_p_teacher = (teacher_logits.float() / temperature).log_softmax(dim=-1)
     loss = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return loss * temperature**2 if t2_scaling else loss
+
+
+def score_difference(logits: Tensor, k: int = 5) -> Tensor:
+    """The tolerant patriarch's score-difference term (Yang et al. 2019, Eq. 3), averaged over the batch.
+
+    .. math:: \\mathcal{L}_{SD} = \\frac{1}{B}\\sum_i \\Big[f_{a_1} - \\frac{1}{K-1}\\sum_{k=2}^{K} f_{a_k}\\Big]_i,
+        \\qquad f = \\mathrm{softmax}(z),
+
+    where :math:`a_1, \\dots, a_K` are the ``K`` classes of largest score of each sample (the model's own, so
+    :math:`a_1` need not be the label). The classes are chosen without gradient; the gradient flows through the
+    selected softmax values. The patriarch minimises :math:`(1-\\eta)\\,\\mathrm{CE} + \\eta\\,\\mathcal{L}_{SD}`.
+
+    Args:
+        logits: ``(B, C)`` raw logits ``z``.
+        k: ``K``, with ``2 <= K <= C``.
+
+    Raises:
+        ValueError: ``k`` out of range.
+    """
+    if not 2 <= k <= logits.shape[-1]:
+        raise ValueError(f"score_difference needs 2 <= k <= num_classes={logits.shape[-1]}, got k={k}")
+    top = logits.float().softmax(dim=-1).topk(k, dim=-1).values
+    return (top[:, 0] - top[:, 1:].mean(dim=-1)).mean()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kd_lightning.losses import kd_kl_div, kd_kl_div_logits, soft_cross_entropy
+from kd_lightning.losses import kd_kl_div, kd_kl_div_logits, score_difference, soft_cross_entropy
 
 
 def test_soft_cross_entropy_by_hand():
@@ -57,3 +57,32 @@ def test_float32_under_half_inputs():
     z = torch.randn(2, 3).to(torch.bfloat16)
     assert kd_kl_div_logits(z, z, 2.0).dtype == torch.float32
     assert kd_kl_div_logits(z, z, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_score_difference_by_hand():
+    # softmax(log p) = p: the top-3 of [.5, .2, .2, .1] give .5 - (.2 + .2) / 2 = .3, of [.1, .6, .1, .2] .6 - .15 = .45
+    probs = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.1, 0.2]])
+    assert score_difference(probs.log(), k=3).item() == pytest.approx(0.375, rel=1e-6)
+
+
+def test_score_difference_gradient_is_the_softmax_jacobian():
+    """d/dz_j of f_a1 - mean_k f_ak = sum_k w_k f_k (delta_kj - f_j), w = 1 on a_1, -1/(K-1) on a_2..a_K."""
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    k = 4
+    score_difference(logits, k).backward()
+    f = logits.detach().softmax(-1)
+    order = f.argsort(dim=-1, descending=True)
+    w = torch.zeros_like(f)
+    w.scatter_(1, order[:, :1], 1.0)
+    w.scatter_(1, order[:, 1:k], -1.0 / (k - 1))
+    expected = (w * f - f * (w * f).sum(-1, keepdim=True)) / len(f)
+    assert torch.allclose(logits.grad, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_score_difference_rejects_k(k):
+    with pytest.raises(ValueError, match="2 <= k <= num_classes=6"):
+        score_difference(torch.randn(2, 6), k)
+
+
+# ----------------------------------------------------------------------------------- OKDDip and its baselines

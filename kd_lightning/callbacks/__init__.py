@@ -1,6 +1,7 @@
-"""Callbacks: reproducibility now; generations and diagnostics come with their methods."""
+"""Callbacks: reproducibility, generations, diagnostics."""
 
 from kd_lightning.callbacks.diagnostics import DistillDiagnostics
+from kd_lightning.callbacks.generational import GenerationalKD
 from kd_lightning.callbacks.reproducibility import RNGStateCheckpoint
 
-__all__ = ["DistillDiagnostics", "RNGStateCheckpoint"]
+__all__ = ["DistillDiagnostics", "GenerationalKD", "RNGStateCheckpoint"]

@@ -158,7 +158,7 @@ class ClassifierModule(pl.LightningModule):
         base = self.eval_log_prefix(stage)
         for index, (name, logits) in enumerate(outputs.items()):
             prefix = base if index == 0 else f"{base}{name}/"
-            metrics = self.metrics[f"{stage}_{name}"]
+            metrics = self._metrics_of(stage, name)
             metrics.update(logits, y)
             self.log_dict({prefix + k: m for k, m in metrics.items()}, batch_size=len(y), prog_bar=index == 0)
             if index == 0:
@@ -169,17 +169,24 @@ class ClassifierModule(pl.LightningModule):
             self.log_dict(extras, batch_size=len(y), sync_dist=True)
 
     def _build_metrics(self) -> None:
-        top_k = min(5, self.num_classes)
         for stage in EVAL_STAGES:
             for name in self.eval_output_names():
-                key = f"{stage}_{name}"
-                if key not in self.metrics:
-                    self.metrics[key] = MetricCollection(
-                        {
-                            "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-                            f"acc{top_k}": MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro"),
-                        }
-                    )
+                self._metrics_of(stage, name)
+
+    def _metrics_of(self, stage: str, name: str) -> MetricCollection:
+        """Top-1 / top-5 accuracy of the output ``name`` in ``stage``, created on first use (outputs that appear
+        during a run, e.g. a new generation's ensemble, get theirs then)."""
+        key = f"{stage}_{name}"
+        if key not in self.metrics:
+            top_k = min(5, self.num_classes)
+            self.metrics[key] = MetricCollection(
+                {
+                    "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                    f"acc{top_k}": MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro"),
+                }
+            ).to(self.device)
+            self._metric_attributes = None  # Lightning's cache of metric names: rebuilt at the next log
+        return self.metrics[key]
 
     # ----------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -194,8 +201,8 @@ class ClassifierModule(pl.LightningModule):
                 f"model.num_classes={self.num_classes} but the datamodule {type(datamodule).__name__} has "
                 f"{data_classes} classes: set model.init_args.num_classes: {data_classes}"
             )
-        views = getattr(datamodule, "views", 1)
-        if views not in self.supported_views:
+        views = getattr(datamodule, "views", None)  # None: plain loaders or a datamodule that does not say
+        if views is not None and views not in self.supported_views:
             raise ValueError(
                 f"{type(self).__name__} trains on views={list(self.supported_views)} but the datamodule yields "
                 f"views={views}"

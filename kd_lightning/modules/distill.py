@@ -30,7 +30,8 @@ TEACHER_OBJECT = "<nn.Module passed from Python>"
 class DistillModule(ClassifierModule):
     """Knowledge distillation from a frozen teacher (Hinton et al. 2015) and its partial variants (Tang et al. 2020).
 
-    The loss (Eq. 2 of Tang et al. with the :math:`T^2` of their App. 7.2), logged as ``train/ce`` and ``train/kd``:
+    The loss (Eq. 2 of Tang et al. with the :math:`T^2` of their App. 7.2, which ``t2_scaling=False`` drops), logged as
+    ``train/ce`` and ``train/kd``:
 
     .. math:: \\mathcal{L} = (1-\\alpha)\\,\\mathrm{CE}(y, p^s) + \\alpha T^2\\,\\mathrm{KL}(\\rho \\,\\|\\, p^s_T),
 
@@ -50,6 +51,8 @@ class DistillModule(ClassifierModule):
         target_kind: the teacher distribution :math:`\\rho`, one of :data:`~kd_lightning.targets.TARGET_KINDS`.
         alpha: :math:`\\alpha \\in [0, 1]`, weight of the distillation term.
         temperature: :math:`T > 0` of the student's (and the teacher's) softmax in the distillation term.
+        t2_scaling: multiply the distillation term by :math:`T^2` (Hinton et al.; Tang et al. App. 7.2). Born-again
+            and tolerant generations (Yang et al. Eq. 4) use none.
         teacher: the teacher as a module (its logits from ``teacher(x)``); exclusive with ``teacher_checkpoint``.
         teacher_backbone: registered backbone name of the teacher.
         teacher_checkpoint: path of the teacher's weights: a Lightning checkpoint of any kd_lightning module or a
@@ -80,6 +83,7 @@ class DistillModule(ClassifierModule):
         target_kind: str = "kd",
         alpha: float = 0.9,
         temperature: float = 4.0,
+        t2_scaling: bool = True,
         teacher: nn.Module | None = None,
         teacher_backbone: str | None = None,
         teacher_checkpoint: str | None = None,
@@ -185,7 +189,7 @@ class DistillModule(ClassifierModule):
         if not self.uses_teacher():
             return {"ce": ce}
         rho = self.teacher_targets(x, y)
-        kd = kd_kl_div(logits, rho, self.temperature)
+        kd = kd_kl_div(logits, rho, self.temperature, t2_scaling=self.hparams.t2_scaling)
         return {"ce": (1.0 - self.alpha) * ce, "kd": self.alpha * kd}
 
     def teacher_targets(self, x: Tensor, y: Tensor) -> Tensor:
