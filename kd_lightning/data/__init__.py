@@ -3,14 +3,22 @@
 from kd_lightning.data.base import ClassificationDataModule
 from kd_lightning.data.cifar import CIFARDataModule
 from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.imagenet import ImageFileDataModule, ImageFolderDataModule
 from kd_lightning.data.synthetic import SyntheticDataModule
+from kd_lightning.data.transfer import CUB200DataModule, DTDDataModule, FGVCAircraftDataModule, Flowers102DataModule
 from kd_lightning.data.transforms import BatchAugment, TwoViews
 
 __all__ = [
     "BatchAugment",
     "CIFARDataModule",
+    "CUB200DataModule",
     "ClassificationDataModule",
+    "DTDDataModule",
     "DigitsDataModule",
+    "FGVCAircraftDataModule",
+    "Flowers102DataModule",
+    "ImageFileDataModule",
+    "ImageFolderDataModule",
     "SyntheticDataModule",
     "TwoViews",
 ]

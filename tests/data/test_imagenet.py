@@ -1,0 +1,273 @@
+"""ImageFolderDataModule on tiny generated JPEG folders (ImageNet's train/val layout and a plain class-folder one)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from kd_lightning.data import ImageFolderDataModule
+from kd_lightning.data.imagenet import (
+    SkipUnreadable,
+    UnreadableImageError,
+    imagenet_eval_transform,
+    imagenet_train_transform,
+    load_rgb,
+)
+from kd_lightning.modules import ClassifierModule
+from tests.data.image_fakes import labels_from_pixels, write_class_folders, write_image, write_truncated_jpeg
+from tests.helpers import fast_trainer
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
+
+
+@pytest.fixture
+def imagenet(tmp_path) -> Path:
+    """``train/<wnid>/`` with 6 images per class and ``val/<wnid>/`` with 2, as ImageNet after valprep.sh."""
+    write_class_folders(tmp_path / "train", CLASSES, TRAIN_PER_CLASS)
+    write_class_folders(tmp_path / "val", CLASSES, VAL_PER_CLASS)
+    return tmp_path
+
+
+@pytest.fixture
+def custom(tmp_path) -> Path:
+    """A custom dataset: class folders directly under the root, 6 images each."""
+    write_class_folders(tmp_path, ["cat", "dog", "fox"], TRAIN_PER_CLASS)
+    return tmp_path
+
+
+def make(root: Path, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(**{"root": str(root), "crop_size": 32, "batch_size": 4, "num_workers": 0, **kwargs})
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_imagenet_layout_shapes_labels_and_sizes(imagenet):
+    dm = make(imagenet)
+    dm.setup()
+    assert (dm.classes, dm.num_classes, dm.input_shape) == (CLASSES, 3, (3, 32, 32))
+    assert (len(dm.train_set), dm.val_set, len(dm.test_set)) == (18, None, 6)
+    assert dm.val_dataloader() == []  # val_size=0: no validation loop
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    x, y = all_batches(dm.train_dataloader())
+    assert torch.equal(labels_from_pixels(x), y)  # every crop shows its own class's colour
+    assert torch.bincount(y).tolist() == [TRAIN_PER_CLASS] * 3
+    x, y = all_batches(dm.test_dataloader())
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(labels_from_pixels(x), y)
+    assert torch.equal(all_batches(dm.test_dataloader())[0], x)  # evaluation is deterministic
+
+
+def test_val_folder_may_lack_classes_and_keeps_training_indices(tmp_path):
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_image(tmp_path / "val" / CLASSES[2] / "only.jpg", 2)
+    dm = make(tmp_path)
+    dm.setup("test")
+    assert [dm.test_set[i][1] for i in range(len(dm.test_set))] == [2]
+
+
+def test_transforms_are_the_imagenet_ones():
+    train = [type(t) for t in imagenet_train_transform().transforms]
+    assert train[:2] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+    resize, crop = imagenet_eval_transform().transforms[:2]
+    assert (resize.size, crop.size) == ([256], (224, 224))  # shorter side 256, central 224 crop
+    resize, crop = imagenet_eval_transform(32).transforms[:2]
+    assert (resize.size, crop.size) == ([37], (32, 32))  # the 256/224 ratio kept for small crops
+    caffe = imagenet_train_transform(224, augmentation="caffe").transforms
+    assert (caffe[0].size, type(caffe[1]), caffe[1].size) == ([256, 256], v2.RandomCrop, (224, 224))
+    assert imagenet_eval_transform(224, augmentation="caffe").transforms[0].size == [256, 256]
+
+
+@pytest.mark.parametrize("augmentation", ["inception", "caffe"])
+def test_both_augmentations_give_crops_of_their_class(imagenet, augmentation):
+    dm = make(imagenet, augmentation=augmentation, resize_size=40)
+    x, y = all_batches(dm.train_dataloader())
+    assert x.shape == (18, 3, 32, 32) and torch.equal(labels_from_pixels(x), y)
+
+
+def test_custom_folder_seeded_stratified_splits(custom):
+    dm = make(custom, test_size=3, val_size=3)
+    dm.setup()
+    assert dm.classes == ["cat", "dog", "fox"] and dm.val_folder is None
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 3, 3)
+    test_labels = [dm.test_set[i][1] for i in range(3)]
+    val_labels = [dm.val_set[i][1] for i in range(3)]
+    assert sorted(test_labels) == [0, 1, 2] and sorted(val_labels) == [0, 1, 2]  # stratified
+    pool = dm._scan()[1]
+    test_files = set(dm._scan()[2].paths.tolist())
+    assert len(pool) == 15 and not test_files & set(pool.paths.tolist())  # the test images left the pool
+
+    def files(dm: ImageFolderDataModule) -> tuple[set, set]:
+        dm.setup()
+        pool = dm._scan()[1]
+        val = {pool.paths[i] for i in dm.val_set.dataset.indices}
+        return set(dm._scan()[2].paths.tolist()), val
+
+    test_a, val_a = files(make(custom, test_size=3, val_size=3))
+    test_b, val_b = files(make(custom, test_size=3, val_size=3, split_seed=1))
+    test_c, _ = files(make(custom, test_size=3, val_size=3, test_split_seed=1))
+    assert test_a == test_b and val_a != val_b  # the test set does not move with split_seed ...
+    assert test_a != test_c  # ... but with test_split_seed
+    assert (test_a, val_a) == files(make(custom, test_size=3, val_size=3))  # same seeds, same splits
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_batches_are_reproducible(imagenet, num_workers):
+    def first_two(shuffle_seed: int) -> list:
+        torch.manual_seed(123)  # the per-sample augmentation draws from the (worker's) global RNG
+        loader = make(imagenet, num_workers=num_workers, shuffle_seed=shuffle_seed).train_dataloader()
+        batches = iter(loader)
+        return [next(batches), next(batches)]
+
+    a, b, other = first_two(0), first_two(0), first_two(1)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a[0][1], other[0][1]) or not torch.equal(a[0][0], other[0][0])
+
+
+def test_two_views(imagenet):
+    dm = make(imagenet, views=2)
+    (xa, xb), y = next(iter(dm.train_dataloader()))
+    assert xa.shape == xb.shape == (4, 3, 32, 32) and y.shape == (4,)
+    assert not torch.equal(xa, xb)  # independent crops and flips
+    assert torch.equal(labels_from_pixels(xa), y) and torch.equal(labels_from_pixels(xb), y)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert isinstance(x, torch.Tensor)  # evaluation stays single-view
+
+
+def test_validate_on_test_set_and_fit(imagenet, tmp_path):
+    dm = make(imagenet, validate_on_test_set=True)
+    assert len(dm.val_dataloader().dataset) == 6
+    model = ClassifierModule(backbone="resnet20", num_classes=3)
+    trainer = fast_trainer(tmp_path / "run", max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.state.finished and "val/acc1" in trainer.callback_metrics
+
+
+def test_load_rgb_converts_every_mode(tmp_path):
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")):
+        path = tmp_path / f"img_{mode}.{fmt.lower()}"
+        Image.new(mode, (9, 7)).save(path, fmt)
+        img = load_rgb(path)
+        assert (img.mode, img.size) == ("RGB", (9, 7))
+
+
+def write_broken_files(root: Path) -> tuple[Path, Path]:
+    """A truncated JPEG and a text file named .jpg, in the first training class."""
+    truncated = write_truncated_jpeg(root / "train" / CLASSES[0] / "img_100_truncated.jpg")
+    text = root / "train" / CLASSES[0] / "img_101_notes.jpg"
+    text.write_text("not an image")
+    return truncated, text
+
+
+def test_unreadable_images_are_skipped_with_a_warning(imagenet):
+    truncated, text = write_broken_files(imagenet)
+    dm = make(imagenet)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, SkipUnreadable) and len(dm.train_set) == 20
+    with pytest.warns(
+        UserWarning, match=r"cannot read image .*img_10[01]_.*\.jpg.*replaced by the next readable"
+    ) as rec:
+        x, y = all_batches(dm.train_dataloader())
+    assert x.shape == (20, 3, 32, 32) and torch.equal(labels_from_pixels(x), y)  # full batches, true labels
+    named = " ".join(str(w.message) for w in rec)
+    assert str(truncated) in named and str(text) in named
+    assert len(dm.train_set.unreadable) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known bad samples are not decoded (nor warned about) again
+        all_batches(dm.train_dataloader())
+
+
+def test_everything_unreadable_is_an_error(tmp_path):
+    for k in range(3):
+        (tmp_path / "a" / f"{k}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{k}.jpg").write_bytes(b"\xff\xd8 junk")
+    dm = make(tmp_path)
+    dm.setup("fit")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(RuntimeError, match="3 consecutive samples from index 0 are unreadable"),
+    ):
+        dm.train_set[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_strict_raises_naming_the_file(imagenet, num_workers):
+    truncated = write_truncated_jpeg(imagenet / "train" / CLASSES[1] / "img_100_truncated.jpg")
+    dm = make(imagenet, strict=True, num_workers=num_workers, batch_size=32)
+    with pytest.raises(UnreadableImageError, match=re.escape(str(truncated)) + ": OSError: .*[Tt]runcated"):
+        all_batches(dm.train_dataloader())
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset folder .*nowhere does not exist"):
+        make(tmp_path / "nowhere").setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"dataset folder .*empty is empty: expected one sub-folder of images per"):
+        make(tmp_path / "empty").setup()
+    for k in range(3):
+        write_image(tmp_path / "flat" / f"ILSVRC2012_val_{k:08d}.JPEG", 0)
+    with pytest.raises(ValueError, match=r"holds 3 images but no class sub-folders: .*valprep\.sh"):
+        make(tmp_path / "flat").setup()
+    write_class_folders(tmp_path / "holes" / "train", ["a", "b"], 1)
+    (tmp_path / "holes" / "train" / "c").mkdir()
+    (tmp_path / "holes" / "train" / "c" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) of training folder .*train hold no image: .*train/c "):
+        make(tmp_path / "holes").setup()
+
+
+def test_val_folder_without_train_folder(tmp_path):
+    write_class_folders(tmp_path / "val", CLASSES, 1)
+    with pytest.raises(ValueError, match=r"has a 'val' folder but no 'train' folder: put the training images in"):
+        make(tmp_path).setup()
+
+
+def test_val_folder_errors(imagenet):
+    write_image(imagenet / "val" / "n99999999" / "x.jpg", 0)
+    with pytest.raises(ValueError, match=r"validation folder .*val has 1 class folder\(s\) .* lacks: n99999999"):
+        make(imagenet).setup("test")
+
+
+def test_missing_test_set_error(custom):
+    dm = make(custom)
+    dm.setup("fit")  # training needs no test set
+    with pytest.raises(
+        ValueError, match=r"has no test images: there is no .*val folder and test_size=0; pass test_size"
+    ):
+        dm.setup("test")
+    with pytest.raises(ValueError, match=r"test_size=18 leaves no training images \(there are 18\)"):
+        make(custom, test_size=18).setup()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"crop_size": 0}, "crop_size must be >= 1, got 0"),
+        ({"resize_size": 16}, "resize_size must be >= crop_size=32 .or None., got 16"),
+        ({"augmentation": "autoaugment"}, "augmentation must be 'inception' or 'caffe', got 'autoaugment'"),
+        ({"mean": (0.5, 0.5)}, "mean and std need one value per RGB channel, got 2 and 3"),
+        ({"test_size": -1}, "test_size must be >= 0, got -1"),
+        (
+            {"validate_on_test_set": True, "val_size": 5},
+            "validate_on_test_set=True validates on the test set: it needs",
+        ),
+    ],
+)
+def test_argument_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path, **kwargs)
+
+
+def test_default_workers_are_bounded():
+    dm = ImageFolderDataModule()
+    assert 1 <= dm.num_workers <= 8 and dm.pin_memory == torch.cuda.is_available()
