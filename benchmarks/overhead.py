@@ -40,6 +40,8 @@ from kd_lightning.modules.components import FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
+from kd_lightning.modules.okddip import OKDDipModule, StudentGroupModule
+from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
 from kd_lightning.optim import NesterovSGD
 
@@ -152,6 +154,32 @@ def build_snapshot(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
 METHODS["dups_kd"] = lambda cfg: build_dups(cfg, statistics_epoch=False)
 METHODS["dups_stats"] = lambda cfg: build_dups(cfg, statistics_epoch=True)
 METHODS["sd"] = build_snapshot
+
+
+def build_group(cfg: BenchConfig, cls: type[StudentGroupModule], network_based: bool) -> tuple[pl.LightningModule, Any]:
+    """4 students: OKDDip (3 peers + a leader, attention) or "Ind" (each student CE only), branches or networks.
+
+    Compare ``okddip_branch`` with ``ind_branch`` (same branches, OKDDip's extra work: projections, attention,
+    aggregation, KL terms) and ``okddip_net`` with ``ind_net`` (4 independent CE steps in one step) or 4 x ``ce``.
+    """
+    module = cls(backbone=cfg.backbone, num_classes=cfg.num_classes, num_students=4, network_based=network_based)
+    return module, make_batch(cfg, module.group.input_shape)
+
+
+METHODS["okddip_branch"] = lambda cfg: build_group(cfg, OKDDipModule, network_based=False)
+METHODS["ind_branch"] = lambda cfg: build_group(cfg, StudentGroupModule, network_based=False)
+METHODS["okddip_net"] = lambda cfg: build_group(cfg, OKDDipModule, network_based=True)
+METHODS["ind_net"] = lambda cfg: build_group(cfg, StudentGroupModule, network_based=True)
+
+
+def build_self_distill(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """Data-distortion guided self-distillation: two views of the batch (2B images in one forward), CE + KL + MMD."""
+    module = SelfDistillModule(backbone=cfg.backbone, num_classes=cfg.num_classes)
+    x, y = make_batch(cfg, module.backbone.input_shape)
+    return module, ((x, x + 0.1 * torch.randn_like(x)), y)
+
+
+METHODS["self_distill"] = build_self_distill
 
 
 class _StepTimer(Callback):

@@ -21,11 +21,17 @@ from kd_lightning.models import Backbone, create_backbone, list_backbones, regis
 from kd_lightning.modules import (
     ClassifierModule,
     ClassTargetTable,
+    CLILRModule,
     DistillModule,
+    DMLModule,
     DUPSModule,
     FrozenTeacher,
     GenerationModule,
+    OKDDipModule,
+    ONEModule,
+    SelfDistillModule,
     SnapshotDistillModule,
+    StudentGroupModule,
 )
 from kd_lightning.optim import NesterovSGD, cyclic_cosine, warmup_cosine
 
@@ -34,10 +40,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Backbone",
     "CIFARDataModule",
+    "CLILRModule",
     "CUB200DataModule",
     "ClassTargetTable",
     "ClassificationDataModule",
     "ClassifierModule",
+    "DMLModule",
     "DTDDataModule",
     "DUPSModule",
     "DigitsDataModule",
@@ -50,8 +58,12 @@ __all__ = [
     "GenerationalKD",
     "ImageFolderDataModule",
     "NesterovSGD",
+    "OKDDipModule",
+    "ONEModule",
     "RNGStateCheckpoint",
+    "SelfDistillModule",
     "SnapshotDistillModule",
+    "StudentGroupModule",
     "SyntheticDataModule",
     "TwoViews",
     "create_backbone",

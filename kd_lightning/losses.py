@@ -9,7 +9,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_kl_div", "kd_kl_div_logits", "score_difference", "soft_cross_entropy"]
+__all__ = [
+    "aggregate_targets",
+    "attention_weights",
+    "empirical_mmd",
+    "group_kd_kl_div",
+    "kd_kl_div",
+    "kd_kl_div_logits",
+    "mutual_kl_div",
+    "peer_diversity",
+    "score_difference",
+    "soft_cross_entropy",
+]
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -79,3 +90,131 @@ def score_difference(logits: Tensor, k: int = 5) -> Tensor:
         raise ValueError(f"score_difference needs 2 <= k <= num_classes={logits.shape[-1]}, got k={k}")
     top = logits.float().softmax(dim=-1).topk(k, dim=-1).values
     return (top[:, 0] - top[:, 1:].mean(dim=-1)).mean()
+
+
+def empirical_mmd(features_a: Tensor, features_b: Tensor) -> Tensor:
+    """Empirical MMD with a linear kernel: the squared distance between the batch means of two feature sets.
+
+    .. math:: \\mathrm{MMD}_{emp} = \\Big\\| \\frac{1}{n}\\sum_{i=1}^n h(x_{ai}) - \\frac{1}{n}\\sum_{i=1}^n h(x_{bi})
+        \\Big\\|_2^2
+
+    (Eq. 1 of Xu & Liu 2019, "Data-Distortion Guided Self-Distillation"). Its gradient with respect to every row of
+    ``features_a`` is :math:`\\frac{2}{n^2}(\\sum_i h(x_{ai}) - \\sum_i h(x_{bi}))`, the negative of that for
+    ``features_b`` (the gradient after their Eq. 1).
+
+    Args:
+        features_a: ``(n, D)`` features :math:`h(x_{ai})` of the first view.
+        features_b: ``(n, D)`` features :math:`h(x_{bi})` of the second view.
+    """
+    return (features_a.float().mean(dim=0) - features_b.float().mean(dim=0)).square().sum()
+
+
+def attention_weights(query: Tensor, key: Tensor) -> Tensor:
+    """OKDDip's attention-based aggregation weights (Chen et al. 2020, Eq. 10), per sample.
+
+    .. math:: \\alpha_{ij} = \\frac{\\exp(q_i^\\top k_j)}{\\sum_{l} \\exp(q_i^\\top k_l)},
+        \\qquad q_i = W_L h_i,\\ k_j = W_E h_j \\ \\text{(Eq. 9)},
+
+    a softmax over all peers including peer ``i`` itself, without the :math:`1/\\sqrt{d}` of Vaswani et al. (as the
+    authors' code). Row ``i`` holds the weights with which peer ``i`` aggregates the group (Eq. 5).
+
+    Args:
+        query: ``(B, n, d)`` projections :math:`q_i` of the ``n`` peers' features.
+        key: ``(B, n, d)`` projections :math:`k_j`.
+
+    Returns:
+        ``(B, n, n)`` float32 weights, every row summing to 1.
+    """
+    return (query.float() @ key.float().transpose(1, 2)).softmax(dim=-1)
+
+
+def aggregate_targets(logits: Tensor, weights: Tensor, temperature: float, space: str = "probs") -> Tensor:
+    """Group-derived soft targets: each target a weighted sum of the students' predictions (OKDDip Eq. 5 and 7).
+
+    .. math:: t_i = \\sum_j w_{ij}\\, \\mathrm{softmax}(z_j / T) \\quad (\\texttt{space="probs"}, \\text{Eq. 5}),
+        \\qquad t_i = \\mathrm{softmax}\\Big(\\sum_j w_{ij} z_j / T\\Big) \\quad (\\texttt{space="logits"}).
+
+    The paper writes Eq. 5 and 7 on probabilities; the authors' code aggregates logits and softens the result.
+    The same function gives the targets of OKDDip's peers (``w`` = attention weights), its leader (``w`` = one row
+    of :math:`1/(m-1)`), CL-ILR (the mean of the other branches) and ONE (``w`` = the gate).
+
+    Args:
+        logits: ``(n, B, C)`` logits :math:`z_j` of ``n`` students.
+        weights: ``(k, n)`` weights shared by the batch, or ``(B, k, n)`` per sample; rows normally sum to 1.
+        temperature: ``T > 0``.
+        space: ``"probs"`` or ``"logits"``: what is aggregated.
+
+    Returns:
+        ``(k, B, C)`` float32 target distributions.
+
+    Raises:
+        ValueError: an unknown ``space``.
+    """
+    if space not in ("probs", "logits"):
+        raise ValueError(f"space must be 'probs' or 'logits', got {space!r}")
+    values = logits.float() / temperature
+    if space == "probs":
+        values = values.softmax(dim=-1)
+    n, batch, classes = values.shape
+    if weights.dim() == 2:
+        mixed = (weights.float() @ values.reshape(n, batch * classes)).reshape(-1, batch, classes)
+    else:
+        mixed = (weights.float() @ values.transpose(0, 1)).transpose(0, 1)
+    return mixed if space == "probs" else mixed.softmax(dim=-1)
+
+
+def group_kd_kl_div(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
+    """:func:`kd_kl_div` summed over a group of students, each against its own target (OKDDip Eq. 6).
+
+    .. math:: \\mathcal{L} = \\sum_{i=1}^{k} \\frac{T^2}{B} \\sum_b
+        \\mathrm{KL}\\big(t_{ib} \\,\\|\\, \\mathrm{softmax}(z_{ib}/T)\\big)
+
+    Args:
+        student_logits: ``(k, B, C)`` logits of ``k`` students.
+        target_probs: ``(k, B, C)`` their targets (rows sum to 1).
+        temperature: ``T > 0``.
+    """
+    k = student_logits.shape[0]
+    return k * kd_kl_div(student_logits.flatten(0, 1), target_probs.flatten(0, 1), temperature)
+
+
+def mutual_kl_div(student_logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """Deep mutual learning (Zhang et al. 2018, Eq. 10): every student learns from every other one, pair by pair.
+
+    .. math:: \\mathcal{L} = \\sum_{i=1}^{n} \\frac{1}{n-1} \\sum_{j \\ne i} \\frac{T^2}{B} \\sum_b
+        \\mathrm{KL}\\big(\\mathrm{softmax}(z'_{jb}/T) \\,\\|\\, \\mathrm{softmax}(z_{ib}/T)\\big)
+
+    ``target_logits`` :math:`z'` are the same students' logits, detached or not by the caller (DML's updates
+    treat the peers as constants).
+
+    Args:
+        student_logits: ``(n, B, C)`` logits :math:`z` of ``n >= 2`` students.
+        target_logits: ``(n, B, C)`` logits :math:`z'` of the targets.
+        temperature: ``T > 0``.
+    """
+    n, batch, _ = student_logits.shape
+    log_p = (student_logits.float() / temperature).log_softmax(dim=-1)
+    log_q = (target_logits.float() / temperature).log_softmax(dim=-1)
+    shape = (n, n, *log_p.shape[1:])
+    # pair[j, i, b] = KL(q_jb || p_ib)
+    pair = F.kl_div(log_p[None].expand(shape), log_q[:, None].expand(shape), reduction="none", log_target=True)
+    pair = pair.sum(dim=-1)
+    off_diagonal = pair.sum() - pair.diagonal(dim1=0, dim2=1).sum()
+    return off_diagonal * temperature**2 / ((n - 1) * batch)
+
+
+def peer_diversity(logits: Tensor) -> Tensor:
+    """Peer diversity of OKDDip (Fig. 4): mean Euclidean distance between two peers' predictions.
+
+    .. math:: D = \\frac{2}{n(n-1)B} \\sum_b \\sum_{i<j} \\big\\| \\mathrm{softmax}(z_{ib}) - \\mathrm{softmax}(z_{jb})
+        \\big\\|_2
+
+    (The authors' code divides the sum over pairs by 3, the number of pairs of its 3 peers.)
+
+    Args:
+        logits: ``(n, B, C)`` logits of ``n >= 2`` peers.
+    """
+    probs = logits.float().softmax(dim=-1)
+    n, batch, _ = probs.shape
+    total = sum((probs[i + 1 :] - probs[i]).norm(dim=-1).sum() for i in range(n - 1))  # peers i < j, no (n, n, B, C)
+    return total * 2 / (n * (n - 1) * batch)

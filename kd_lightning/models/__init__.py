@@ -10,6 +10,7 @@ from kd_lightning.models import (  # noqa: F401  (imported to register their bac
     vgg,
     wide_resnet,
 )
+from kd_lightning.models.branches import StudentGroup
 from kd_lightning.models.registry import Backbone, create_backbone, list_backbones, register_backbone
 
-__all__ = ["Backbone", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["Backbone", "StudentGroup", "create_backbone", "list_backbones", "register_backbone"]

@@ -123,6 +123,12 @@ def _resnet(blocks_per_stage: int, num_classes: int) -> CifarResNet:
     return CifarResNet(BasicBlock, (blocks_per_stage,) * 3, (16, 32, 64), num_classes)
 
 
+@register_backbone("resnet8_w8")
+def resnet8_w8(num_classes: int) -> CifarResNet:
+    """A CPU-sized CIFAR ResNet: 3 x 1 basic blocks with 8/16/32 channels (ResNet-8 at half width), for quick runs."""
+    return CifarResNet(BasicBlock, (1, 1, 1), (8, 16, 32), num_classes, stem_width=8)
+
+
 @register_backbone("resnet20")
 def resnet20(num_classes: int) -> CifarResNet:
     """ResNet-20 (He et al. 2016): 3 x 3 basic blocks, 16/32/64 channels; 0.28M parameters (100 classes)."""

@@ -5,16 +5,30 @@ from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule, StagedDistillModule
 from kd_lightning.modules.generations import GenerationModule, eta_from_confidence
+from kd_lightning.modules.okddip import (
+    CLILRModule,
+    DMLModule,
+    OKDDipModule,
+    ONEModule,
+    StudentGroupModule,
+)
+from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
 
 __all__ = [
+    "CLILRModule",
     "ClassTargetTable",
     "ClassifierModule",
+    "DMLModule",
     "DUPSModule",
     "DistillModule",
     "FrozenTeacher",
     "GenerationModule",
+    "OKDDipModule",
+    "ONEModule",
+    "SelfDistillModule",
     "SnapshotDistillModule",
     "StagedDistillModule",
+    "StudentGroupModule",
     "eta_from_confidence",
 ]
