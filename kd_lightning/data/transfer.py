@@ -180,7 +180,7 @@ class Flowers102DataModule(TorchvisionTransferDataModule):
 
     Official splits: 1,020 training, 1,020 validation (10 images per class each) and 6,149 test images. Read by
     torchvision's :class:`~torchvision.datasets.Flowers102` from ``<data_dir>/flowers-102/`` (``jpg/``,
-    ``imagelabels.mat``, ``setid.mat``; scipy reads the ``.mat`` files). Arguments: see
+    ``imagelabels.mat``, ``setid.mat``; scipy reads the ``.mat`` files: the ``transfer`` extra). Arguments: see
     :class:`TorchvisionTransferDataModule`.
     """
 
