@@ -81,10 +81,8 @@ class _CEWithTeacherForward(ClassifierModule):
         super().__init__(**kwargs)
         self._teacher = (teacher,)  # out of the module tree, as in DistillModule
 
-    def _apply(self, fn: Any, recurse: bool = True) -> _CEWithTeacherForward:
-        super()._apply(fn, recurse)
-        self._teacher[0]._apply(fn, recurse)
-        return self
+    def frozen_networks(self) -> tuple[torch.nn.Module, ...]:
+        return self._teacher
 
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         self._teacher[0](batch[0])

@@ -93,6 +93,21 @@ class ClassifierModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
+    def frozen_networks(self) -> tuple[nn.Module, ...]:
+        """Networks this module uses but holds outside its module tree (frozen teachers, finished generations).
+
+        Outside the tree they stay out of ``state_dict()``, DDP's buffer broadcasts, ``train()`` / ``apply()`` and
+        Lightning's eval-mode check; :meth:`_apply` still moves and casts them with the module (``.to(device)``,
+        ``.half()`` ...). None here; a module holding such networks returns them.
+        """
+        return ()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ClassifierModule:
+        super()._apply(fn, recurse)
+        for network in self.frozen_networks():
+            network._apply(fn, recurse)
+        return self
+
     # ----------------------------------------------------------------------------------------------- training
     def training_losses(self, batch: Any) -> dict[str, Tensor]:
         """Named loss terms of one training batch; their sum is minimised. The one hook methods override."""

@@ -149,11 +149,8 @@ class DistillModule(ClassifierModule):
         """
         return self._teacher[0] if self._teacher else None
 
-    def _apply(self, fn: Any, recurse: bool = True) -> DistillModule:
-        super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn, recurse)
-        return self
+    def frozen_networks(self) -> tuple[nn.Module, ...]:
+        return self._teacher
 
     def set_teacher(self, teacher: nn.Module | None) -> None:
         """Installs (or removes) a teacher given as a module; recorded in ``hparams`` as :data:`TEACHER_OBJECT`."""

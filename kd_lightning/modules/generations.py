@@ -138,11 +138,8 @@ class GenerationModule(DistillModule):
         """The frozen networks of generations ``0 .. generation - 1``; the last is the teacher."""
         return self._finished
 
-    def _apply(self, fn: Any, recurse: bool = True) -> GenerationModule:
-        super()._apply(fn, recurse)  # moves the teacher, i.e. the last finished generation
-        for network in self._finished[:-1]:
-            network._apply(fn, recurse)
-        return self
+    def frozen_networks(self) -> tuple[nn.Module, ...]:
+        return self._finished  # the teacher is the last of them
 
     def fresh_backbone(self, seed: int | None = None) -> nn.Module:
         """A newly initialised backbone of this module's architecture, from ``seed`` (the global RNG is untouched),

@@ -566,11 +566,8 @@ class OKDDipModule(DistillationGroupModule):
         """The frozen teacher of OKDDip+KD, or None (held outside the module tree; see :class:`DistillModule`)."""
         return self._teacher[0] if self._teacher else None
 
-    def _apply(self, fn: Any, recurse: bool = True) -> OKDDipModule:
-        super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn, recurse)
-        return self
+    def frozen_networks(self) -> tuple[nn.Module, ...]:
+        return self._teacher
 
     # ----------------------------------------------------------------------------------------------- training
     def peer_weights(self, features: Tensor) -> Tensor:
