@@ -10,6 +10,7 @@ runs them; ``augment:batch``: :class:`~kd_lightning.data.transforms.BatchAugment
 Usage::
 
     python benchmarks/overhead.py [--methods ce,raw_loop] [--backbone resnet20] [--batch-size 128] [--json PATH]
+    python benchmarks/overhead.py --reference lm --methods lm,lm_dups_dense,lm_dups_topk  # language models
 
 A method issue adds its row by registering a builder in ``METHODS`` (a function of :class:`BenchConfig` that
 returns the LightningModule, put in the state of the phase measured, and the batch it trains on).
@@ -25,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,10 +38,11 @@ from torchvision.transforms import v2
 from kd_lightning.data.transforms import BatchAugment, cifar_stats, cifar_train_transform
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import FrozenTeacher
+from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
+from kd_lightning.modules.language_model import LanguageModelDUPSModule, LanguageModelModule
 from kd_lightning.modules.okddip import OKDDipModule, StudentGroupModule
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
@@ -179,6 +182,57 @@ def build_self_distill(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
 
 METHODS["self_distill"] = build_self_distill
 
+#: The language-model rows' fixed setting (DUPS paper, Table 5 small): lstm_small, 10k words, 20 rows x 35 tokens.
+LM_VOCAB, LM_ROWS, LM_BPTT = 10000, 20, 35
+
+
+def lm_batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, LM_VOCAB, (LM_ROWS, LM_BPTT + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class _LMDUPSInStageOne(LanguageModelDUPSModule):
+    """LanguageModelDUPSModule held in stage 1 with a full word table (dense or top-k), collecting or not."""
+
+    def __init__(self, statistics_epoch: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._statistics_epoch = statistics_epoch
+        table, vocab = self.class_targets, self.num_classes
+        if isinstance(table, ClassTargetTable):
+            table.targets.copy_(torch.randn(vocab, vocab).softmax(-1))
+        else:
+            table.values.copy_(0.5 * torch.rand(vocab, table.k).softmax(-1))
+            offsets = torch.randint(0, vocab, (vocab, 1))
+            table.indices.copy_((offsets + torch.arange(table.k)) % vocab)
+            table.rest.fill_(0.5 / (vocab - table.k))
+        table.has_target.fill_(True)
+
+    def current_stage(self) -> int:
+        return 1
+
+    def collects_statistics(self) -> bool:
+        return self._statistics_epoch
+
+
+def build_lm(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """The language-model reference: lstm_small trained with cross-entropy over the next word (truncated BPTT)."""
+    return LanguageModelModule(backbone="lstm_small", num_classes=LM_VOCAB), lm_batch(cfg)
+
+
+def build_lm_dups(cfg: BenchConfig, table_topk: int | None, statistics_epoch: bool) -> tuple[pl.LightningModule, Any]:
+    """DUPS for the language model in a distillation stage, with the dense or the top-100 word table."""
+    module = _LMDUPSInStageOne(
+        statistics_epoch, backbone="lstm_small", num_classes=LM_VOCAB, num_stages=1, table_topk=table_topk
+    )
+    return module, lm_batch(cfg)
+
+
+METHODS["lm"] = build_lm
+for _name, _topk in (("dense", None), ("topk", 100)):
+    METHODS[f"lm_dups_{_name}"] = partial(build_lm_dups, table_topk=_topk, statistics_epoch=False)
+    METHODS[f"lm_dups_{_name}_stats"] = partial(build_lm_dups, table_topk=_topk, statistics_epoch=True)
+
 
 class _StepTimer(Callback):
     """Wall time between consecutive ``on_train_batch_end`` calls: one whole training step, hooks included."""
@@ -277,15 +331,16 @@ EXTRA_ROWS: dict[str, Callable[[BenchConfig], float]] = {
 }
 
 
-def run_benchmark(methods: list[str], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Interleaved rounds over ``methods`` (``ce`` always included); rows with ``step_ms`` and ``ratio``."""
-    names = ["ce", *[m for m in methods if m != "ce"]]
+def run_benchmark(methods: list[str], cfg: BenchConfig, reference: str = "ce") -> list[dict[str, Any]]:
+    """Interleaved rounds over ``methods`` (``reference`` always included); rows with ``step_ms`` and ``ratio``
+    (to the reference: ``ce`` for the image rows, ``lm`` for the language-model rows)."""
+    names = [reference, *[m for m in methods if m != reference]]
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(cfg.repeats):
         for name in names:
             seconds = EXTRA_ROWS[name](cfg) if name in EXTRA_ROWS else time_lightning(METHODS[name], cfg)
             samples[name].append(seconds)
-    ce_ms = 1000 * statistics.median(samples["ce"])
+    ce_ms = 1000 * statistics.median(samples[reference])
     rows = []
     for name in names:
         step_ms = 1000 * statistics.median(samples[name])
@@ -303,7 +358,7 @@ def run_benchmark(methods: list[str], cfg: BenchConfig) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'method':<22}{'step ms':>10}{'ratio vs ce':>13}{'samples/s':>12}"]
+    lines = [f"{'method':<22}{'step ms':>10}{'ratio vs ' + rows[0]['method']:>13}{'samples/s':>12}"]
     lines += [f"{r['method']:<22}{r['step_ms']:>10.2f}{r['ratio']:>13.3f}{r['samples_per_s']:>12.1f}" for r in rows]
     return "\n".join(lines)
 
@@ -312,6 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     choices = sorted({*METHODS, *EXTRA_ROWS})
     parser.add_argument("--methods", default=",".join(choices), help=f"comma-separated rows among {choices}")
+    parser.add_argument("--reference", default="ce", help="the row ratios divide by (lm for the lm_* rows)")
     parser.add_argument("--backbone", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=100)
@@ -321,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    unknown = [m for m in args.methods.split(",") if m not in choices]
+    unknown = [m for m in [*args.methods.split(","), args.reference] if m not in choices]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose among {choices}")
     return args
@@ -333,7 +389,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
     cfg = BenchConfig(args.backbone, args.batch_size, args.num_classes, args.steps, args.warmup, args.repeats)
-    rows = run_benchmark(args.methods.split(","), cfg)
+    rows = run_benchmark(args.methods.split(","), cfg, args.reference)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

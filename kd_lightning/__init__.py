@@ -3,7 +3,7 @@
 The public API: method modules, callbacks, datamodules, the backbone registry and :func:`load_module`.
 """
 
-from kd_lightning.callbacks import DistillDiagnostics, GenerationalKD, RNGStateCheckpoint
+from kd_lightning.callbacks import NTASGD, DistillDiagnostics, GenerationalKD, RNGStateCheckpoint
 from kd_lightning.checkpoints import load_module
 from kd_lightning.data import (
     CIFARDataModule,
@@ -14,6 +14,7 @@ from kd_lightning.data import (
     FGVCAircraftDataModule,
     Flowers102DataModule,
     ImageFolderDataModule,
+    PTBDataModule,
     SyntheticDataModule,
     TwoViews,
 )
@@ -27,17 +28,22 @@ from kd_lightning.modules import (
     DUPSModule,
     FrozenTeacher,
     GenerationModule,
+    LanguageModelDistillModule,
+    LanguageModelDUPSModule,
+    LanguageModelModule,
     OKDDipModule,
     ONEModule,
     SelfDistillModule,
     SnapshotDistillModule,
     StudentGroupModule,
+    TopKClassTargetTable,
 )
-from kd_lightning.optim import NesterovSGD, cyclic_cosine, warmup_cosine
+from kd_lightning.optim import DelayedExponentialLR, LanguageModelSGD, NesterovSGD, cyclic_cosine, warmup_cosine
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NTASGD",
     "Backbone",
     "CIFARDataModule",
     "CLILRModule",
@@ -48,6 +54,7 @@ __all__ = [
     "DMLModule",
     "DTDDataModule",
     "DUPSModule",
+    "DelayedExponentialLR",
     "DigitsDataModule",
     "DistillDiagnostics",
     "DistillModule",
@@ -57,14 +64,20 @@ __all__ = [
     "GenerationModule",
     "GenerationalKD",
     "ImageFolderDataModule",
+    "LanguageModelDUPSModule",
+    "LanguageModelDistillModule",
+    "LanguageModelModule",
+    "LanguageModelSGD",
     "NesterovSGD",
     "OKDDipModule",
     "ONEModule",
+    "PTBDataModule",
     "RNGStateCheckpoint",
     "SelfDistillModule",
     "SnapshotDistillModule",
     "StudentGroupModule",
     "SyntheticDataModule",
+    "TopKClassTargetTable",
     "TwoViews",
     "create_backbone",
     "cyclic_cosine",

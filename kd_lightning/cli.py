@@ -1,7 +1,7 @@
 """The ``kd-lightning`` command: a LightningCLI in subclass mode for models and datamodules.
 
 ``kd-lightning fit --config configs/quickstart.yaml`` trains any module on any datamodule named by class path;
-``kd-lightning backbones`` lists the registered backbones.
+``kd-lightning backbones`` lists the registered backbones, then the language models.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kd_lightning.callbacks.reproducibility import RNGStateCheckpoint
+from kd_lightning.models.lstm_lm import list_language_models
 from kd_lightning.models.registry import list_backbones
 
 __all__ = ["KDLightningCLI", "batch_size_of", "console_main", "main"]
@@ -90,15 +91,17 @@ class KDLightningCLI(LightningCLI):
 
 
 def print_summary(metrics: dict[str, Any], test_weights: str) -> None:
-    """Print the final validation and test accuracies as a table."""
+    """Print the final validation and test accuracies (perplexities for language models) as a table."""
     table = Table(title="kd-lightning: final accuracies")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("protocol")
     for key in sorted(metrics):
-        if key.startswith(("val/", "test/")) and "acc" in key:
+        perplexity = key.endswith("/ppl")
+        if key.startswith(("val/", "test/")) and ("acc" in key or perplexity):
             protocol = "last epoch" if key.startswith("val/") else f"{test_weights} weights"
-            table.add_row(key, f"{100 * float(metrics[key]):.2f}%", protocol)
+            value = float(metrics[key])
+            table.add_row(key, f"{value:.2f}" if perplexity else f"{100 * value:.2f}%", protocol)
     Console().print(table)
 
 
@@ -108,6 +111,8 @@ def silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"\s*By default only one JsonargparseDeprecationWarning")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r".*you need to define a `flops_per_batch` attribute")
+    # PTBDataModule's windows are an IterableDataset with a length, loaded without workers (nothing to fix)
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def main(args: ArgsType = None, run: bool = True) -> KDLightningCLI | None:
@@ -116,6 +121,8 @@ def main(args: ArgsType = None, run: bool = True) -> KDLightningCLI | None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["backbones"]:
         print("\n".join(list_backbones()))
+        print("# language models (kd_lightning.LanguageModelModule and its method variants):")
+        print("\n".join(list_language_models()))
         return None
     return KDLightningCLI(
         pl.LightningModule,

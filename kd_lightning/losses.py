@@ -6,6 +6,7 @@ Every function computes its softmax / log-softmax / KL in float32 (also under mi
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,6 +21,7 @@ __all__ = [
     "peer_diversity",
     "score_difference",
     "soft_cross_entropy",
+    "sparse_kd_kl_div",
 ]
 
 
@@ -66,6 +68,40 @@ def kd_kl_div_logits(
     log_p_student = (student_logits.float() / temperature).log_softmax(dim=-1)
     log_p_teacher = (teacher_logits.float() / temperature).log_softmax(dim=-1)
     loss = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return loss * temperature**2 if t2_scaling else loss
+
+
+def sparse_kd_kl_div(
+    student_logits: Tensor, values: Tensor, indices: Tensor, rest: Tensor, temperature: float, t2_scaling: bool = True
+) -> Tensor:
+    r""":func:`kd_kl_div` against a target stored as its ``k`` largest entries and a uniform rest (top-k tables).
+
+    The target of sample ``b`` is :math:`q_i = v_j` for :math:`i = a_j` (its ``k`` stored entries) and
+    :math:`q_i = r` for the other :math:`C - k` classes (the remaining mass spread uniformly, as KD-topk's
+    target, Sec. 5.3 of Tang et al.). With :math:`\log p = \log\mathrm{softmax}(z / T)`:
+
+    .. math:: \mathrm{KL}(q \,\|\, p) = \sum_j v_j \log v_j + (C-k)\, r \log r
+        - \sum_j v_j \log p_{a_j} - r \Big(\sum_{i=1}^{C} \log p_i - \sum_j \log p_{a_j}\Big),
+
+    so it needs only the ``k`` gathered log-probabilities and the sum of all of them: the ``(B, C)`` target is never
+    built. Equal to ``kd_kl_div(student_logits, q, temperature, t2_scaling)`` (tested). Rows with ``v = 0`` and
+    ``r = 0`` (no target) give 0.
+
+    Args:
+        student_logits: ``(B, C)`` raw student logits ``z``.
+        values: ``(B, k)`` stored target masses :math:`v` (distinct classes per row).
+        indices: ``(B, k)`` their classes :math:`a`.
+        rest: ``(B,)`` mass :math:`r` of each other class.
+        temperature: ``T > 0``.
+        t2_scaling: multiply by :math:`T^2`.
+    """
+    log_p = (student_logits.float() / temperature).log_softmax(dim=-1)
+    values, rest = values.float(), rest.float()
+    top = log_p.gather(1, indices.long())
+    others = log_p.shape[-1] - values.shape[-1]
+    neg_entropy = torch.xlogy(values, values).sum(-1) + others * torch.xlogy(rest, rest)
+    cross = (values * top).sum(-1) + rest * (log_p.sum(-1) - top.sum(-1))
+    loss = (neg_entropy - cross).mean()
     return loss * temperature**2 if t2_scaling else loss
 
 

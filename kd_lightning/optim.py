@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-__all__ = ["NesterovSGD", "cyclic_cosine", "warmup_cosine"]
+__all__ = ["DelayedExponentialLR", "LanguageModelSGD", "NesterovSGD", "cyclic_cosine", "warmup_cosine"]
 
 
 class NesterovSGD(torch.optim.SGD):
@@ -33,6 +33,35 @@ class NesterovSGD(torch.optim.SGD):
         nesterov: bool = True,
     ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+class LanguageModelSGD(torch.optim.SGD):
+    """Plain SGD with Zaremba et al.'s language-model defaults (also the DUPS paper's): lr 20, no momentum, no
+    weight decay (gradients clipped by the trainer's ``gradient_clip_val``)."""
+
+    def __init__(
+        self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 20.0, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+
+class DelayedExponentialLR(LRScheduler):
+    r"""The learning rate constant for ``constant_epochs`` epochs, then multiplied by ``gamma`` every epoch.
+
+    Zaremba et al.'s schedules (as the DUPS paper, Sec. 4.2, reports them): small model 4 epochs then x0.5, medium
+    5 then x0.8, large 15 then x1/1.5. Epoch ``e`` (0-indexed) trains at
+    :math:`\eta_0\, \gamma^{\max(0,\, e + 1 - c)}`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, constant_epochs: int, gamma: float) -> None:
+        if constant_epochs < 0 or not 0 < gamma <= 1:
+            raise ValueError(f"need constant_epochs >= 0 and 0 < gamma <= 1, got {constant_epochs} and {gamma}")
+        self.constant_epochs, self.gamma = constant_epochs, gamma
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        factor = self.gamma ** max(0, self.last_epoch + 1 - self.constant_epochs)
+        return [base_lr * factor for base_lr in self.base_lrs]
 
 
 def warmup_cosine(

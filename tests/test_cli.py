@@ -68,7 +68,7 @@ def test_quickstart_fits_tests_and_runs_twice(tmp_path, capsys):
 def test_backbones_subcommand_lists_registry(capsys):
     assert main(["backbones"]) is None
     names = capsys.readouterr().out.split()
-    assert {"resnet20", "mlp", "wrn_28_10", "resnet50"} <= set(names)
+    assert {"resnet20", "mlp", "wrn_28_10", "resnet50", "lstm_small", "awd_lstm"} <= set(names)
 
 
 def test_malformed_yaml_value_is_reported(capsys):

@@ -16,6 +16,7 @@ from kd_lightning.losses import (
     peer_diversity,
     score_difference,
     soft_cross_entropy,
+    sparse_kd_kl_div,
 )
 
 
@@ -44,6 +45,29 @@ def test_kd_kl_div_by_hand():
     expected = t**2 * (kl1 + kl2) / 2
     assert kd_kl_div(z, rho, t).item() == pytest.approx(expected, rel=1e-6)
     assert kd_kl_div(z, rho, t, t2_scaling=False).item() == pytest.approx(expected / t**2, rel=1e-6)
+
+
+def test_sparse_kd_kl_div_by_hand_and_against_the_dense_kl():
+    """Target (0.6, r, r, 0.2) over 4 classes with k = 2 stored entries (0.6 at class 0, 0.2 at class 3), r = 0.1."""
+    z = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    values, indices, rest = torch.tensor([[0.6, 0.2]]), torch.tensor([[0, 3]]), torch.tensor([0.1])
+    norm = math.e + 3
+    p = [math.e / norm, 1 / norm, 1 / norm, 1 / norm]
+    q = [0.6, 0.1, 0.1, 0.2]
+    expected = sum(qi * math.log(qi / pi) for qi, pi in zip(q, p, strict=True))
+    loss = sparse_kd_kl_div(z, values, indices, rest, temperature=1.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)  # float32
+    torch.manual_seed(0)
+    z = torch.randn(6, 9, requires_grad=True)
+    values = torch.rand(6, 3)
+    values = 0.8 * values / values.sum(-1, keepdim=True)
+    indices = torch.stack([torch.randperm(9)[:3] for _ in range(6)])
+    rest = torch.full((6,), 0.2 / 6)
+    dense = rest[:, None].expand(6, 9).scatter(1, indices, values)
+    sparse = sparse_kd_kl_div(z, values, indices, rest, temperature=3.0)
+    torch.testing.assert_close(sparse, kd_kl_div(z, dense, 3.0))
+    (grad,) = torch.autograd.grad(sparse, z)
+    torch.testing.assert_close(grad, 3.0 * (torch.softmax(z.detach() / 3.0, -1) - dense) / 6)
 
 
 def test_kd_gradient_is_p_minus_rho_over_t():

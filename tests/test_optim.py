@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kd_lightning.optim import NesterovSGD, warmup_cosine
+from kd_lightning.optim import DelayedExponentialLR, LanguageModelSGD, NesterovSGD, warmup_cosine
 
 
 def _lrs(scheduler, optimizer, epochs):
@@ -42,3 +42,20 @@ def test_schedule_errors(total, warmup, match):
     opt = NesterovSGD([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(ValueError, match=match):
         warmup_cosine(opt, total, warmup)
+
+
+def test_delayed_exponential_is_zarembas_small_schedule():
+    """lr 20 for 4 epochs, then halved every epoch (Zaremba et al.'s small model, DUPS paper Sec. 4.2)."""
+    optimizer = LanguageModelSGD([torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["lr"] == 20.0 and optimizer.defaults["momentum"] == 0
+    assert _lrs(DelayedExponentialLR(optimizer, constant_epochs=4, gamma=0.5), optimizer, 7) == [
+        20,
+        20,
+        20,
+        20,
+        10,
+        5,
+        2.5,
+    ]
+    with pytest.raises(ValueError, match="0 < gamma <= 1"):
+        DelayedExponentialLR(optimizer, constant_epochs=1, gamma=1.5)

@@ -27,7 +27,9 @@ COLUMNS = (
 
 
 class GenerationalKD(Callback):
-    """Trains generation 0 (the patriarch) and ``generations`` student generations of a :class:`GenerationModule`.
+    """Generations in one fit: the patriarch by Eq. 3 of Yang et al., then students, each by Eq. 4 from the last.
+
+    Trains generation 0 (the patriarch) and ``generations`` student generations of a :class:`GenerationModule`.
 
     Each generation runs ``epochs_per_generation`` epochs (``trainer.max_epochs`` must be ``(generations + 1)`` times
     that) with the same optimizer and LR schedule as a fresh run. At the first epoch of generation :math:`g+1`

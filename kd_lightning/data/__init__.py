@@ -4,6 +4,7 @@ from kd_lightning.data.base import ClassificationDataModule
 from kd_lightning.data.cifar import CIFARDataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.imagenet import ImageFileDataModule, ImageFolderDataModule
+from kd_lightning.data.ptb import PTBDataModule
 from kd_lightning.data.synthetic import SyntheticDataModule
 from kd_lightning.data.transfer import CUB200DataModule, DTDDataModule, FGVCAircraftDataModule, Flowers102DataModule
 from kd_lightning.data.transforms import BatchAugment, TwoViews
@@ -19,6 +20,7 @@ __all__ = [
     "Flowers102DataModule",
     "ImageFileDataModule",
     "ImageFolderDataModule",
+    "PTBDataModule",
     "SyntheticDataModule",
     "TwoViews",
 ]

@@ -101,11 +101,18 @@ def register_backbone(name: str | None = None) -> Callable[[F], F]:
     Registering a name twice is an error (it would silently change what configs build).
     """
 
+    return registering_decorator(_REGISTRY, "backbone", name)
+
+
+def registering_decorator(registry: dict[str, Callable], kind: str, name: str | None) -> Callable[[F], F]:
+    """The decorator of a ``register_*`` function: stores the factory in ``registry`` under ``name`` (default: the
+    factory's own name); registering another factory under a taken name raises a ValueError naming the ``kind``."""
+
     def decorator(fn: F) -> F:
         key = name or fn.__name__
-        if key in _REGISTRY and _REGISTRY[key] is not fn:
-            raise ValueError(f"backbone {key!r} is already registered (by {_REGISTRY[key].__module__})")
-        _REGISTRY[key] = fn
+        if key in registry and registry[key] is not fn:
+            raise ValueError(f"{kind} {key!r} is already registered (by {registry[key].__module__})")
+        registry[key] = fn
         return fn
 
     return decorator

@@ -1,10 +1,16 @@
 """Method modules: one LightningModule per method, all built on :class:`ClassifierModule`."""
 
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher
+from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher, TopKClassTargetTable
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule, StagedDistillModule
 from kd_lightning.modules.generations import GenerationModule, eta_from_confidence
+from kd_lightning.modules.language_model import (
+    LanguageModelDistillModule,
+    LanguageModelDUPSModule,
+    LanguageModelMixin,
+    LanguageModelModule,
+)
 from kd_lightning.modules.okddip import (
     CLILRModule,
     DMLModule,
@@ -24,11 +30,16 @@ __all__ = [
     "DistillModule",
     "FrozenTeacher",
     "GenerationModule",
+    "LanguageModelDUPSModule",
+    "LanguageModelDistillModule",
+    "LanguageModelMixin",
+    "LanguageModelModule",
     "OKDDipModule",
     "ONEModule",
     "SelfDistillModule",
     "SnapshotDistillModule",
     "StagedDistillModule",
     "StudentGroupModule",
+    "TopKClassTargetTable",
     "eta_from_confidence",
 ]

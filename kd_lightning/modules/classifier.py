@@ -21,7 +21,9 @@ EVAL_STAGES = ("val", "test")
 
 
 class ClassifierModule(pl.LightningModule):
-    """A backbone from the registry trained with cross-entropy: the plain baseline and the base of every method.
+    """Cross-entropy baseline, L = CE(z, y), label smoothing eps: (1-eps) onehot(y) + eps/C; base of every method.
+
+    A backbone from the registry trained with cross-entropy: the plain baseline and the base of every method.
 
     A method module overrides only what differs:
 
@@ -79,12 +81,17 @@ class ClassifierModule(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.backbone = create_backbone(backbone, num_classes, **(backbone_kwargs or {}))
+        self.backbone = self.build_backbone(backbone, num_classes, backbone_kwargs or {})
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         if compile:
             self.backbone.compile()
         self.metrics = nn.ModuleDict()
+
+    def build_backbone(self, name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+        """The network trained: the registered backbone ``name`` (a module with another kind of network, e.g. the
+        language models, builds it from its own registry)."""
+        return create_backbone(name, num_classes, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -168,7 +175,7 @@ class ClassifierModule(pl.LightningModule):
         return {}
 
     def _eval_step(self, batch: Any, stage: str) -> None:
-        x, y = batch
+        x, y = self.unpack_batch(batch)
         outputs = self.eval_outputs(x)
         base = self.eval_log_prefix(stage)
         for index, (name, logits) in enumerate(outputs.items()):
@@ -193,15 +200,19 @@ class ClassifierModule(pl.LightningModule):
         during a run, e.g. a new generation's ensemble, get theirs then)."""
         key = f"{stage}_{name}"
         if key not in self.metrics:
-            top_k = min(5, self.num_classes)
-            self.metrics[key] = MetricCollection(
-                {
-                    "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-                    f"acc{top_k}": MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro"),
-                }
-            ).to(self.device)
+            self.metrics[key] = self.build_metrics().to(self.device)
             self._metric_attributes = None  # Lightning's cache of metric names: rebuilt at the next log
         return self.metrics[key]
+
+    def build_metrics(self) -> MetricCollection:
+        """The metrics of one evaluation output, updated with ``(logits, labels)``: top-1 and top-5 accuracy."""
+        top_k = min(5, self.num_classes)
+        return MetricCollection(
+            {
+                "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                f"acc{top_k}": MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro"),
+            }
+        )
 
     # ----------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd_lightning.losses import kd_kl_div, sparse_kd_kl_div
 from kd_lightning.models.registry import create_backbone
 
-__all__: list[str] = ["ClassTargetTable", "FrozenTeacher", "TeacherOutputCache"]
+__all__: list[str] = ["ClassTargetTable", "FrozenTeacher", "TeacherOutputCache", "TopKClassTargetTable"]
 
 
 class FrozenTeacher(nn.Module):
@@ -50,13 +51,15 @@ class FrozenTeacher(nn.Module):
         num_classes: int,
         checkpoint: str | Path,
         backbone_kwargs: dict[str, Any] | None = None,
+        factory: Callable[[str, int, dict[str, Any]], nn.Module] | None = None,
     ) -> FrozenTeacher:
         """A registered backbone with the weights of a checkpoint.
 
         ``checkpoint`` is a Lightning checkpoint of any kd_lightning module (its ``backbone.*`` weights are taken,
         so a distilled student can teach in turn) or a plain ``state_dict`` of the backbone (or of a module holding
         it as ``backbone``). ``backbone_kwargs=None`` takes the checkpoint's own ``backbone_kwargs`` hyperparameter
-        when it has one.
+        when it has one. ``factory(backbone, num_classes, backbone_kwargs)`` builds the network (default: the backbone
+        registry; a language model's teacher passes its module's ``build_backbone``).
 
         Raises:
             FileNotFoundError: no file at ``checkpoint``.
@@ -78,7 +81,7 @@ class FrozenTeacher(nn.Module):
             )
         if backbone_kwargs is None:
             backbone_kwargs = hparams.get("backbone_kwargs") or {}
-        network = create_backbone(backbone, num_classes, **backbone_kwargs)
+        network = (factory or _registered_backbone)(backbone, num_classes, backbone_kwargs)
         if any(key.startswith("backbone.") for key in state):
             state = {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
         try:
@@ -94,10 +97,10 @@ class FrozenTeacher(nn.Module):
         """Stays in eval mode whatever ``mode`` is (the guard against being switched to training)."""
         return super().train(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Teacher logits, computed without gradients."""
+    def forward(self, x: Tensor, *args: Any) -> Any:
+        """Teacher logits (and whatever else the network returns, e.g. a language model's state), without gradients."""
         with torch.no_grad():
-            return self.network(x)
+            return self.network(x, *args)
 
     @property
     def classifier_weight(self) -> Tensor:
@@ -106,7 +109,53 @@ class FrozenTeacher(nn.Module):
         return holder.classifier.weight
 
 
-class ClassTargetTable(nn.Module):
+def _registered_backbone(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    return create_backbone(name, num_classes, **kwargs)
+
+
+class _ClassTable(nn.Module):
+    """What the dense and the top-k class-target tables share: arguments, per-class counts, peers, DDP exclusion."""
+
+    def __init__(self, num_classes: int, temperature: float, num_peers: int | None) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if num_peers is not None and num_peers < 1:
+            raise ValueError(f"num_peers must be >= 1 or None (all samples of the class), got {num_peers}")
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.num_peers = num_peers
+        self.register_buffer("has_target", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("counts", torch.zeros(num_classes))
+
+    def exclude_from_ddp_broadcast(self, root: nn.Module) -> None:
+        """Keep DDP (``broadcast_buffers=True``, Lightning's default) from syncing this table's buffers.
+
+        ``root`` is the module DDP wraps (the LightningModule) holding this table; the buffers' qualified names are
+        added to ``root._ddp_params_and_buffers_to_ignore`` (torch's hook for this), before DDP wraps ``root``.
+        """
+        prefix = next(name for name, module in root.named_modules() if module is self)
+        ignored = getattr(root, "_ddp_params_and_buffers_to_ignore", [])
+        names = [f"{prefix}.{name}" for name, _ in self.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [*ignored, *names])
+
+    def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
+        """Samples per class that rank ``rank`` of ``world_size`` keeps: ``n // W + (rank < n % W)``; None: all."""
+        if self.num_peers is None:
+            return None
+        return self.num_peers // world_size + int(rank < self.num_peers % world_size)
+
+    def peer_weights(self, labels: Tensor, rank: int, world_size: int) -> Tensor:
+        """``(B,)`` float 1/0: whether each sample still counts for its class (the ``num_peers`` quota)."""
+        quota = self.peers_per_rank(rank, world_size)
+        if quota is None:
+            return torch.ones_like(labels, dtype=torch.float32)
+        return (self.counts[labels] + _random_rank_within_class(labels) < quota).float()
+
+
+class ClassTargetTable(_ClassTable):
     """Per-class teacher distributions averaged over peer samples of the class (DUPS, Eq. 4-5), with statistics.
 
     Row ``c`` of :attr:`targets` is the teacher signal :math:`f_T(c)` shared by every sample of class ``c``:
@@ -154,44 +203,20 @@ class ClassTargetTable(nn.Module):
         num_peers: int | None = None,
         average: Literal["probs", "logits"] = "probs",
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if num_peers is not None and num_peers < 1:
-            raise ValueError(f"num_peers must be >= 1 or None (all samples of the class), got {num_peers}")
         if average not in ("probs", "logits"):
             raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
-        self.num_classes = num_classes
-        self.temperature = temperature
-        self.num_peers = num_peers
+        super().__init__(num_classes, temperature, num_peers)
         self.average = average
         self.register_buffer("targets", torch.zeros(num_classes, num_classes))
-        self.register_buffer("has_target", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("sums", torch.zeros(num_classes, num_classes))
-        self.register_buffer("counts", torch.zeros(num_classes))
 
     def forward(self, labels: Tensor) -> Tensor:
         """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
         return self.targets[labels]
 
-    def exclude_from_ddp_broadcast(self, root: nn.Module) -> None:
-        """Keep DDP (``broadcast_buffers=True``, Lightning's default) from syncing this table's buffers.
-
-        ``root`` is the module DDP wraps (the LightningModule) holding this table; the buffers' qualified names are
-        added to ``root._ddp_params_and_buffers_to_ignore`` (torch's hook for this), before DDP wraps ``root``.
-        """
-        prefix = next(name for name, module in root.named_modules() if module is self)
-        ignored = getattr(root, "_ddp_params_and_buffers_to_ignore", [])
-        names = [f"{prefix}.{name}" for name, _ in self.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [*ignored, *names])
-
-    def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
-        """Samples per class that rank ``rank`` of ``world_size`` keeps: ``n // W + (rank < n % W)``; None: all."""
-        if self.num_peers is None:
-            return None
-        return self.num_peers // world_size + int(rank < self.num_peers % world_size)
+    def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
+        """The KD term of the ``(B, C)`` logits against their labels' rows (:func:`~kd_lightning.losses.kd_kl_div`)."""
+        return kd_kl_div(logits, self(labels), temperature, t2_scaling)
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
@@ -203,11 +228,7 @@ class ClassTargetTable(nn.Module):
         values = logits.detach().float()
         if self.average == "probs":
             values = (values / self.temperature).softmax(dim=-1)
-        quota = self.peers_per_rank(rank, world_size)
-        if quota is None:
-            weight = torch.ones_like(labels, dtype=values.dtype)
-        else:
-            weight = (self.counts[labels] + _random_rank_within_class(labels) < quota).to(values.dtype)
+        weight = self.peer_weights(labels, rank, world_size)
         self.sums.index_add_(0, labels, values * weight[:, None])
         self.counts.index_add_(0, labels, weight)
 
@@ -246,6 +267,162 @@ class ClassTargetTable(nn.Module):
             f"num_classes={self.num_classes}, temperature={self.temperature}, num_peers={self.num_peers}, "
             f"average={self.average!r}"
         )
+
+
+class TopKClassTargetTable(_ClassTable):
+    r""":class:`ClassTargetTable` in bounded memory: each class keeps its ``k`` largest target entries (DUPS for
+    language models, where a "class" is the next word and the dense table is ``V x V``).
+
+    Row ``c`` is :math:`f_T(c)` of Eq. 4-5 (the mean of :math:`\mathrm{softmax}(z/T)` over the peers of ``c``)
+    reduced to its ``k`` largest entries, the remaining mass spread uniformly over the other ``C - k`` classes (as
+    KD-topk's target); :meth:`kd_loss` is :func:`~kd_lightning.losses.sparse_kd_kl_div`, which never builds the
+    ``(B, C)`` rows. Memory: ``C * k * 12`` bytes for the table and ``C * m * 12`` for the statistics, against
+    ``8 * C^2`` for the dense table and its sums (10k words, k = 100: 12 + 24 MB instead of 800 MB).
+
+    Statistics, per rank, within the same bound: every sample adds its ``m = min(2k, C)`` largest probabilities
+    (the rest of its mass is left to the uniform remainder); the additions are buffered and merged into a
+    ``(C, m)`` table of per-class sums that keeps each class's ``m`` largest (coalesced by ``(class, word)``,
+    vectorised: one sort per merge). An entry pushed out of a class's ``m`` loses what it had summed, so the kept
+    sums are lower bounds of the dense ones, exact while a class's samples share at most ``m`` distinct words
+    (always when ``m = C``), and the ``k`` kept of ``m = 2k`` are the dense table's top-k in practice (tested
+    against it). :meth:`finalize` merges the ranks' tables the same way (an all-gather made of one sum-reduce), so
+    every rank holds the same targets. Only ``average="probs"`` (a mean of logits needs every entry).
+
+    Buffers (checkpointed; pending additions are merged first): ``values`` ``(C, k)``, ``indices`` ``(C, k)``
+    long, ``rest`` ``(C,)``, ``has_target``, the statistics ``stat_values`` / ``stat_indices`` ``(C, m)`` and
+    ``counts``.
+
+    Args:
+        num_classes: ``C``.
+        temperature: ``T > 0`` of the softening.
+        k: entries kept per class, ``1 <= k < C``.
+        num_peers: as :class:`ClassTargetTable`'s.
+
+    Raises:
+        ValueError: ``k`` out of range and the errors of :class:`ClassTargetTable`.
+    """
+
+    def __init__(self, num_classes: int, temperature: float, k: int, num_peers: int | None = None) -> None:
+        if not 1 <= k < num_classes:
+            raise ValueError(f"a top-k class table needs 1 <= k < num_classes={num_classes}, got k={k}")
+        super().__init__(num_classes, temperature, num_peers)
+        self.k = k
+        self.width = min(2 * k, num_classes)
+        self.register_buffer("values", torch.zeros(num_classes, k))
+        self.register_buffer("indices", torch.zeros(num_classes, k, dtype=torch.long))
+        self.register_buffer("rest", torch.zeros(num_classes))
+        self.register_buffer("stat_values", torch.zeros(num_classes, self.width))
+        self.register_buffer("stat_indices", torch.zeros(num_classes, self.width, dtype=torch.long))
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.merge_pending())
+
+    def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
+        """The KD term of the ``(B, C)`` logits against the rows of their labels, from the stored entries only."""
+        return sparse_kd_kl_div(
+            logits, self.values[labels], self.indices[labels], self.rest[labels], temperature, t2_scaling
+        )
+
+    def dense(self) -> Tensor:
+        """The ``(C, C)`` table the stored entries stand for (for inspection and tests; ``C^2`` floats)."""
+        full = self.rest[:, None].expand(-1, self.num_classes).clone()
+        return full.scatter_(1, self.indices, self.values)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
+        """Add the ``m`` largest softened probabilities of each of the ``(B, C)`` logits to its label's statistics."""
+        weight = self.peer_weights(labels, rank, world_size)
+        probs = (logits.detach().float() / self.temperature).softmax(dim=-1)
+        values, indices = probs.topk(self.width, dim=-1)
+        self._pending.append((labels[:, None].expand_as(indices), indices, values * weight[:, None]))
+        self.counts.index_add_(0, labels, weight)
+        if sum(part[0].numel() for part in self._pending) >= self.stat_values.numel():
+            self.merge_pending()
+
+    @torch.no_grad()
+    def merge_pending(self) -> None:
+        """Fold the buffered additions into ``stat_values`` / ``stat_indices``."""
+        if not self._pending:
+            return
+        rows, cols, vals = (torch.cat([part[i].flatten() for part in self._pending]) for i in range(3))
+        self._pending.clear()
+        self._merge(rows, cols, vals)
+
+    def _merge(self, rows: Tensor, cols: Tensor, vals: Tensor) -> None:
+        """Coalesce ``(row, col, value)`` triples with the current statistics and keep each row's ``m`` largest."""
+        own_rows = torch.arange(self.num_classes, device=rows.device)[:, None].expand_as(self.stat_indices)
+        rows = torch.cat([own_rows.flatten(), rows])
+        cols = torch.cat([self.stat_indices.flatten(), cols])
+        vals = torch.cat([self.stat_values.flatten(), vals])
+        values, indices = _top_per_row(rows, cols, vals, self.num_classes, self.width)
+        self.stat_values.copy_(values)
+        self.stat_indices.copy_(indices)
+
+    @torch.no_grad()
+    def finalize(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """As :meth:`ClassTargetTable.finalize`: merge over ranks, turn into targets, clear; returns the counts."""
+        self.merge_pending()
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if world_size > 1 else 0
+        if reduce is None and world_size > 1:
+            reduce = _all_reduce_sum
+        gathered = torch.zeros(world_size, self.num_classes, 2 * self.width + 1, device=self.counts.device)
+        gathered[rank] = torch.cat([self.stat_values, self.stat_indices.float(), self.counts[:, None]], dim=1)
+        if reduce is not None:
+            gathered = reduce(gathered)
+        counts = gathered[..., -1].sum(0)
+        self.reset_statistics()
+        rows = torch.arange(self.num_classes, device=counts.device)[None, :, None].expand(world_size, -1, self.width)
+        sums, words = _top_per_row(
+            rows.flatten(),
+            gathered[..., self.width : 2 * self.width].long().flatten(),
+            gathered[..., : self.width].flatten(),
+            self.num_classes,
+            self.k,
+        )
+        seen = counts > 0
+        mean = sums / counts.clamp_min(1)[:, None]
+        rest = (1.0 - mean.sum(-1)).clamp_min(0.0) / (self.num_classes - self.k)
+        self.values.copy_(torch.where(seen[:, None], mean, self.values))
+        self.indices.copy_(torch.where(seen[:, None], words, self.indices))
+        self.rest.copy_(torch.where(seen, rest, self.rest))
+        self.has_target |= seen
+        return counts
+
+    def reset_statistics(self) -> None:
+        """Clear the statistics and pending additions (the targets stay)."""
+        self._pending.clear()
+        self.stat_values.zero_()
+        self.stat_indices.zero_()
+        self.counts.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, temperature={self.temperature}, k={self.k}, num_peers={self.num_peers}"
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, num_rows: int, width: int) -> tuple[Tensor, Tensor]:
+    """Sum the values of equal ``(row, col)`` pairs of a square ``num_rows x num_rows`` table, then keep each row's
+    ``width`` largest sums.
+
+    Returns ``(num_rows, width)`` sums (descending) and their columns; unfilled slots hold 0 and column 0.
+    """
+    key, inverse = (rows * num_rows + cols).unique(return_inverse=True)
+    sums = torch.zeros(len(key), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals)
+    order = sums.argsort(descending=True, stable=True)
+    order = order[(key[order] // num_rows).argsort(stable=True)]
+    key, sums = key[order], sums[order]
+    row = key // num_rows
+    rank = torch.arange(len(row), device=row.device) - torch.searchsorted(row, row)
+    keep = rank < width
+    out_values = torch.zeros(num_rows, width, dtype=vals.dtype, device=vals.device)
+    out_columns = torch.zeros(num_rows, width, dtype=torch.long, device=vals.device)
+    out_values[row[keep], rank[keep]] = sums[keep]
+    out_columns[row[keep], rank[keep]] = key[keep] % num_rows
+    return out_values, out_columns
 
 
 def _random_rank_within_class(labels: Tensor) -> Tensor:

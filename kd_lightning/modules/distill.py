@@ -28,7 +28,9 @@ TEACHER_OBJECT = "<nn.Module passed from Python>"
 
 
 class DistillModule(ClassifierModule):
-    """Knowledge distillation from a frozen teacher (Hinton et al. 2015) and its partial variants (Tang et al. 2020).
+    """KD (Hinton et al. 2015; Tang et al. 2020, Eq. 2): L = (1 - alpha) CE(z, y) + alpha T^2 KL(rho || softmax(z/T)).
+
+    Knowledge distillation from a frozen teacher (Hinton et al. 2015) and its partial variants (Tang et al. 2020).
 
     The loss (Eq. 2 of Tang et al. with the :math:`T^2` of their App. 7.2, which ``t2_scaling=False`` drops), logged as
     ``train/ce`` and ``train/kd``:
@@ -131,7 +133,7 @@ class DistillModule(ClassifierModule):
         self._teacher: tuple[FrozenTeacher, ...] = ()  # out of the module tree: see `teacher`
         if teacher_checkpoint is not None:
             teacher = FrozenTeacher.from_checkpoint(
-                teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs
+                teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs, self.build_backbone
             )
             self._set_teacher(teacher)
         elif teacher is not None:
@@ -194,7 +196,7 @@ class DistillModule(ClassifierModule):
         hp = self.hparams
         teacher_logits = None
         if self.target_kind in TEACHER_FORWARD_KINDS:
-            teacher_logits = self.teacher(x) if self.teacher_cache is None else self._cached_teacher_logits(x)
+            teacher_logits = self.teacher_logits(x) if self.teacher_cache is None else self._cached_teacher_logits(x)
         return teacher_distribution(
             self.target_kind,
             y,
@@ -206,13 +208,17 @@ class DistillModule(ClassifierModule):
             pt_weight=hp.pt_weight,
         )
 
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """The teacher's ``(B, K)`` logits of the inputs (a language model's teacher carries its hidden state)."""
+        return self.teacher(x)
+
     def _cached_teacher_logits(self, x: Tensor) -> Tensor:
         """Teacher logits at temperature ``T`` rebuilt from the cache (``T * log p``: same softmax at ``T``)."""
         cache = self.teacher_cache
         if cache.ready:
             values, indices = cache.lookup(x)
         else:
-            values, indices = cache.encode(kd_target(self.teacher(x), self.temperature))
+            values, indices = cache.encode(kd_target(self.teacher_logits(x), self.temperature))
             cache.add(x, values, indices)
         return cache.decode(values, indices, self.num_classes).log() * self.temperature
 

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from kd_lightning.losses import kd_kl_div
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable
+from kd_lightning.modules.components import ClassTargetTable, TopKClassTargetTable
 from kd_lightning.optim import cyclic_cosine
 
 __all__ = ["DUPSModule", "StageSchedule", "StagedDistillModule"]
@@ -159,7 +158,9 @@ class StagedDistillModule(ClassifierModule):
 
 
 class DUPSModule(StagedDistillModule):
-    """Distillation by Utilizing Peer Samples (Alg. 1): each sample learns from the mean prediction of its class.
+    """DUPS (Alg. 1, Eq. 2): lambda_CE CE(z, y) + lambda_KD T^2 KL(f_T(y) || softmax(z/T)), f_T(y): mean of y's peers.
+
+    Distillation by Utilizing Peer Samples: each sample learns from the mean prediction of its class.
 
     In stage ``s >= 1`` a sample of class ``y`` gets
 
@@ -193,11 +194,14 @@ class DUPSModule(StagedDistillModule):
             1..all).
         statistics: ``"online"`` or ``"recompute"`` (above).
         average: ``"probs"`` (mean of softmax(z/T), default) or ``"logits"`` (softmax of the mean logit / T).
+        table_topk: keep only each class's ``k`` largest target entries, the rest of the mass uniform
+            (:class:`~kd_lightning.modules.components.TopKClassTargetTable`: memory ``O(C k)`` instead of
+            ``O(C^2)``, for language models' word-by-word tables); None: the dense table.
         **kwargs: the arguments of :class:`StagedDistillModule` and :class:`ClassifierModule`.
 
     Raises:
-        ValueError: an unknown ``statistics``, and the errors of :class:`StagedDistillModule` and
-            :class:`~kd_lightning.modules.components.ClassTargetTable`.
+        ValueError: an unknown ``statistics``, ``table_topk`` with ``average="logits"``, and the errors of
+            :class:`StagedDistillModule` and the table.
     """
 
     def __init__(
@@ -205,12 +209,20 @@ class DUPSModule(StagedDistillModule):
         num_peers: int | None = None,
         statistics: Literal["online", "recompute"] = "online",
         average: Literal["probs", "logits"] = "probs",
+        table_topk: int | None = None,
         **kwargs: Any,
     ) -> None:
         if statistics not in ("online", "recompute"):
             raise ValueError(f"statistics must be 'online' or 'recompute', got {statistics!r}")
+        if table_topk is not None and average != "probs":
+            raise ValueError(f"table_topk keeps a mean of probabilities: it needs average='probs', got {average!r}")
         super().__init__(**kwargs)
-        self.class_targets = ClassTargetTable(self.num_classes, self.hparams.temperature, num_peers, average)
+        temperature = self.hparams.temperature
+        self.class_targets: ClassTargetTable | TopKClassTargetTable = (
+            ClassTargetTable(self.num_classes, temperature, num_peers, average)
+            if table_topk is None
+            else TopKClassTargetTable(self.num_classes, temperature, table_topk, num_peers)
+        )
         self.class_targets.exclude_from_ddp_broadcast(self)
         self.register_buffer("targets_stage", torch.zeros((), dtype=torch.long))
         # the order of the recompute pass: seed_everything's seed (same on every rank), no draw from the RNG
@@ -231,7 +243,7 @@ class DUPSModule(StagedDistillModule):
         if self.collects_statistics():
             self.class_targets.update(logits, y, *self.rank_and_world_size())
         if self.current_stage() > 0:
-            kd = kd_kl_div(logits, self.class_targets(y), self.hparams.temperature, self.hparams.t2_scaling)
+            kd = self.class_targets.kd_loss(logits, y, self.hparams.temperature, self.hparams.t2_scaling)
             losses["kd"] = self.hparams.kd_weight * kd
         return losses
 

@@ -48,7 +48,9 @@ def eta_from_confidence(confidence: float, k: int = 5) -> float:
 
 
 class GenerationModule(DistillModule):
-    """A network of a sequence of generations: the patriarch (generation 0), then students of their predecessor.
+    """Generations (Yang et al. 2019): gen 0 (1-eta) CE + eta (f_a1 - mean_{k>1} f_ak) (Eq. 3), gen g: Eq. 4 KD.
+
+    A network of a sequence of generations: the patriarch (generation 0), then students of their predecessor.
 
     * Generation 0, the patriarch (Eq. 3 of Yang et al.), logged as ``train/ce`` and ``train/score_diff``:
 

@@ -70,7 +70,9 @@ def sigmoid_rampup(epoch: float, length: float) -> float:
 
 
 class StudentGroupModule(ClassifierModule):
-    """``m`` students of one backbone trained side by side, each with cross-entropy alone: the "Ind" baseline.
+    """Ind (the OKDDip paper's baseline): m students of one backbone, L = sum_i CE(z_i, y), no distillation.
+
+    ``m`` students of one backbone trained side by side, each with cross-entropy alone: the "Ind" baseline.
 
     The base of the online-distillation modules. Its students are a
     :class:`~kd_lightning.models.branches.StudentGroup`: branch-based (``stem + stages[:shared_stages]`` shared) or
@@ -248,7 +250,9 @@ class DistillationGroupModule(StudentGroupModule):
 
 
 class DMLModule(DistillationGroupModule):
-    """Deep mutual learning (Zhang et al., CVPR 2018), as OKDDip ran it: network-based, T = 3, no ramp-up.
+    """DML (Zhang et al. 2018): L = sum_i [CE(z_i, y) + 1/(m-1) sum_{j!=i} T^2 KL(p_j^T || p_i^T)].
+
+    Deep mutual learning (Zhang et al., CVPR 2018), as OKDDip ran it: network-based, T = 3, no ramp-up.
 
     .. math:: \\mathcal{L} = \\sum_i \\mathrm{CE}(z_i, y) + \\sum_i \\frac{1}{m-1} \\sum_{j \\ne i}
         T^2\\, \\mathrm{KL}(p_j^T \\,\\|\\, p_i^T),
@@ -291,7 +295,9 @@ class DMLModule(DistillationGroupModule):
 
 
 class CLILRModule(DistillationGroupModule):
-    """Collaborative learning with intermediate-level representation sharing (Song & Chai, NeurIPS 2018).
+    """CL-ILR (Song & Chai 2018): L = sum_i [CE(z_i, y) + w(t) T^2 KL(softmax(mean_{j!=i} z_j / T) || p_i^T)].
+
+    Collaborative learning with intermediate-level representation sharing (Song & Chai, NeurIPS 2018).
 
     Branch ``i`` learns from the mean of the other branches' logits, softened at ``T``; the gradient that flows from
     the branches into the shared trunk is divided by the number of branches (backpropagation rescaling):
@@ -340,7 +346,9 @@ class CLILRModule(DistillationGroupModule):
 
 
 class ONEModule(DistillationGroupModule):
-    """On-the-fly native ensemble (Lan et al., NeurIPS 2018): branches distil a gated ensemble of themselves.
+    """ONE (Lan et al. 2018): L = sum_i CE(z_i,y) + CE(z_e,y) + w(t) sum_i T^2 KL(p_e^T || p_i^T), z_e = sum_i g_i z_i.
+
+    On-the-fly native ensemble (Lan et al., NeurIPS 2018): branches distil a gated ensemble of themselves.
 
     The gate reads the shared trunk's globally pooled output: ``g = softmax(ReLU(BN(W h)))`` over the ``m``
     branches (the authors' code). The gated ensemble's logits :math:`z_e = \\sum_i g_i z_i` are trained with a
@@ -417,7 +425,9 @@ class ONEModule(DistillationGroupModule):
 
 
 class OKDDipModule(DistillationGroupModule):
-    """Online knowledge distillation with diverse peers (Chen et al., AAAI 2020): ``m - 1`` peers and a group leader.
+    """OKDDip (Chen et al. 2020, Eq. 8): L = sum_i CE(z_i,y) + w(t) T^2 [sum_{i<m} KL(t_i || p_i^T) + KL(t_m || p_m^T)].
+
+    Online knowledge distillation with diverse peers (Chen et al., AAAI 2020): ``m - 1`` peers and a group leader.
 
     Students ``0 .. m-2`` are the auxiliary peers, student ``m - 1`` the group leader (the model for inference).
     First level: peer ``i`` learns from its own target :math:`t_i = \\sum_j \\alpha_{ij} p_j` (Eq. 5), the weights

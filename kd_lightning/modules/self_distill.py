@@ -22,7 +22,9 @@ BATCH_STATS: tuple[str, ...] = get_args(BatchStats)
 
 
 class SelfDistillModule(ClassifierModule):
-    """Data-distortion guided self-distillation (Xu & Liu 2019): one network taught by two distortions of each image.
+    """Self-distillation (Xu & Liu 2019), Eq. 5: CE(z_a,y) + CE(z_b,y) + lambda [KL(p_b||p_a) + KL(p_a||p_b)] + mu MMD.
+
+    Data-distortion guided self-distillation (Xu & Liu 2019): one network taught by two distortions of each image.
 
     Every training image comes as two independently distorted views :math:`x_a, x_b` with one label (the datamodule's
     ``views=2``), and the network minimises their Eq. 5, logged as ``train/ce``, ``train/kl`` and ``train/mmd``:

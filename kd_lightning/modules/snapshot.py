@@ -17,7 +17,9 @@ __all__ = ["SnapshotDistillModule"]
 
 
 class SnapshotDistillModule(StagedDistillModule):
-    """Snapshot Distillation: the model at the end of each LR cycle is the frozen teacher of the next cycle.
+    """Snapshot Distillation: lambda_CE CE + lambda_KD T^2 KL(p_teacher^T || p^T), teacher = the last stage's model.
+
+    Snapshot Distillation: the model at the end of each LR cycle is the frozen teacher of the next cycle.
 
     Training is split into stages (mini-generations) exactly as in :class:`~kd_lightning.modules.dups.DUPSModule`
     (see :mod:`kd_lightning.modules.dups`), each with its own cosine LR cycle (``cyclic_lr=True`` by default). At
