@@ -37,7 +37,13 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs.float() * logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def kd_kl_div(student_logits: Tensor, teacher_probs: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
+def kd_kl_div(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    temperature: float,
+    t2_scaling: bool = True,
+    target_neg_entropy: Tensor | None = None,
+) -> Tensor:
     """Hinton et al. (2015) distillation term: KL(teacher || student at temperature T), batch mean, times T^2.
 
     .. math::
@@ -46,14 +52,23 @@ def kd_kl_div(student_logits: Tensor, teacher_probs: Tensor, temperature: float,
     (Eq. 2 of Tang et al. with the :math:`T^2` of their Appendix 7.2; Eq. 4 of OKDDip.) The :math:`T^2`
     factor keeps the gradient magnitude independent of ``T``; ``t2_scaling=False`` drops it.
 
+    Computed as :math:`\\mathrm{KL}(\\rho \\| p) = \\mathrm{CE}(\\rho, p) + \\sum_c \\rho_c \\log \\rho_c`: the
+    cross-entropy is torch's fused soft-target ``cross_entropy`` (fewer passes over the ``(B, C)`` values than
+    ``log_softmax`` + ``kl_div``, which matters for the 10k-word targets of language models); the second term,
+    constant for the student, can be given per sample (``target_neg_entropy``) when the targets are rows of a
+    fixed table, which saves a logarithm of every entry.
+
     Args:
         student_logits: ``(B, C)`` raw student logits ``z``.
         teacher_probs: ``(B, C)`` teacher distribution ``rho`` (rows sum to 1; zeros allowed).
         temperature: ``T > 0``.
         t2_scaling: multiply by :math:`T^2`.
+        target_neg_entropy: ``(B,)`` :math:`\\sum_c \\rho_c \\log \\rho_c` of the rows, if known.
     """
-    log_p_student = (student_logits.float() / temperature).log_softmax(dim=-1)
-    loss = F.kl_div(log_p_student, teacher_probs.float(), reduction="batchmean")
+    rho = teacher_probs.float()
+    if target_neg_entropy is None:
+        target_neg_entropy = torch.xlogy(rho, rho).sum(-1)
+    loss = F.cross_entropy(student_logits.float() / temperature, rho) + target_neg_entropy.float().mean()
     return loss * temperature**2 if t2_scaling else loss
 
 
@@ -95,12 +110,15 @@ def sparse_kd_kl_div(
         temperature: ``T > 0``.
         t2_scaling: multiply by :math:`T^2`.
     """
-    log_p = (student_logits.float() / temperature).log_softmax(dim=-1)
+    scaled = student_logits.float() / temperature
+    lse = scaled.logsumexp(dim=-1)  # log p = scaled - lse, never built for every class
     values, rest = values.float(), rest.float()
-    top = log_p.gather(1, indices.long())
-    others = log_p.shape[-1] - values.shape[-1]
+    top = scaled.gather(1, indices.long()) - lse[:, None]
+    num_classes = scaled.shape[-1]
+    others = num_classes - values.shape[-1]
     neg_entropy = torch.xlogy(values, values).sum(-1) + others * torch.xlogy(rest, rest)
-    cross = (values * top).sum(-1) + rest * (log_p.sum(-1) - top.sum(-1))
+    all_log_p = scaled.sum(-1) - num_classes * lse
+    cross = (values * top).sum(-1) + rest * (all_log_p - top.sum(-1))
     loss = (neg_entropy - cross).mean()
     return loss * temperature**2 if t2_scaling else loss
 

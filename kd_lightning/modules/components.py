@@ -209,6 +209,8 @@ class ClassTargetTable(_ClassTable):
         self.average = average
         self.register_buffer("targets", torch.zeros(num_classes, num_classes))
         self.register_buffer("sums", torch.zeros(num_classes, num_classes))
+        self._neg_entropy_key: tuple[int, int] | None = None
+        self._neg_entropy = torch.zeros(num_classes)
 
     def forward(self, labels: Tensor) -> Tensor:
         """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
@@ -216,7 +218,16 @@ class ClassTargetTable(_ClassTable):
 
     def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
         """The KD term of the ``(B, C)`` logits against their labels' rows (:func:`~kd_lightning.losses.kd_kl_div`)."""
-        return kd_kl_div(logits, self(labels), temperature, t2_scaling)
+        return kd_kl_div(logits, self(labels), temperature, t2_scaling, self.neg_entropy()[labels])
+
+    def neg_entropy(self) -> Tensor:
+        """``(C,)`` :math:`\\sum_j f_T(c)_j \\log f_T(c)_j` of every row (0 for a zero row), the KL's constant term;
+        recomputed only when the targets change (their in-place version counter or storage)."""
+        key = (self.targets._version, self.targets.data_ptr())
+        if self._neg_entropy_key != key:
+            self._neg_entropy = torch.xlogy(self.targets, self.targets).sum(-1)
+            self._neg_entropy_key = key
+        return self._neg_entropy
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
