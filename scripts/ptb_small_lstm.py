@@ -44,10 +44,11 @@ def run() -> None:
             "--trainer.enable_progress_bar=false",
             f"--data.init_args.data_dir={args.data_dir}",
             f"--data.init_args.epochs_per_pass={args.epochs_per_pass}",
-            "--test_after_fit=true",
         ]
     )
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}  # the last validation's
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)  # the final weights
+    metrics.update({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
     record = {
         "method": args.method,
         "seed": args.seed,
