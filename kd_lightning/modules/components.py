@@ -286,9 +286,10 @@ class TopKClassTargetTable(_ClassTable):
 
     Row ``c`` is :math:`f_T(c)` of Eq. 4-5 (the mean of :math:`\mathrm{softmax}(z/T)` over the peers of ``c``)
     reduced to its ``k`` largest entries, the remaining mass spread uniformly over the other ``C - k`` classes (as
-    KD-topk's target); :meth:`kd_loss` is :func:`~kd_lightning.losses.sparse_kd_kl_div`, which never builds the
-    ``(B, C)`` rows. Memory: ``C * k * 12`` bytes for the table and ``C * m * 12`` for the statistics, against
-    ``8 * C^2`` for the dense table and its sums (10k words, k = 100: 12 + 24 MB instead of 800 MB).
+    KD-topk's target); :meth:`kd_loss` is :func:`~kd_lightning.losses.sparse_kd_kl_div` (only the batch's rows are
+    expanded, the entropy term comes from the stored entries). Memory: ``C * k * 12`` bytes for the table and
+    ``C * m * 12`` for the statistics, against ``8 * C^2`` for the dense table and its sums (10k words, k = 100:
+    12 + 24 MB instead of 800 MB).
 
     Statistics, per rank, within the same bound: every sample adds its ``m = min(2k, C)`` largest probabilities
     (the rest of its mass is left to the uniform remainder); the additions are buffered and merged into a
