@@ -42,7 +42,7 @@ from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
-from kd_lightning.modules.language_model import LanguageModelDUPSModule, LanguageModelModule
+from kd_lightning.modules.language_model import LanguageModelMixin, LanguageModelModule
 from kd_lightning.modules.okddip import OKDDipModule, StudentGroupModule
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
@@ -118,13 +118,20 @@ METHODS["generation_student"] = build_generation_student
 
 
 class _DUPSInStageOne(DUPSModule):
-    """DUPSModule held in stage 1 (KD from the class targets), in a statistics epoch or not, for timing."""
+    """DUPSModule held in stage 1 with a full class table (dense or top-k), in a statistics epoch or not, for timing."""
 
     def __init__(self, statistics_epoch: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._statistics_epoch = statistics_epoch
-        self.class_targets.targets.copy_(torch.randn(self.num_classes, self.num_classes).softmax(-1))
-        self.class_targets.has_target.fill_(True)
+        table, classes = self.class_targets, self.num_classes
+        if isinstance(table, ClassTargetTable):
+            table.targets.copy_(torch.randn(classes, classes).softmax(-1))
+        else:
+            table.values.copy_(0.5 * torch.rand(classes, table.k).softmax(-1))
+            offsets = torch.randint(0, classes, (classes, 1))
+            table.indices.copy_((offsets + torch.arange(table.k)) % classes)
+            table.rest.fill_(0.5 / (classes - table.k))
+        table.has_target.fill_(True)
 
     def current_stage(self) -> int:
         return 1
@@ -192,27 +199,8 @@ def lm_batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-class _LMDUPSInStageOne(LanguageModelDUPSModule):
-    """LanguageModelDUPSModule held in stage 1 with a full word table (dense or top-k), collecting or not."""
-
-    def __init__(self, statistics_epoch: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._statistics_epoch = statistics_epoch
-        table, vocab = self.class_targets, self.num_classes
-        if isinstance(table, ClassTargetTable):
-            table.targets.copy_(torch.randn(vocab, vocab).softmax(-1))
-        else:
-            table.values.copy_(0.5 * torch.rand(vocab, table.k).softmax(-1))
-            offsets = torch.randint(0, vocab, (vocab, 1))
-            table.indices.copy_((offsets + torch.arange(table.k)) % vocab)
-            table.rest.fill_(0.5 / (vocab - table.k))
-        table.has_target.fill_(True)
-
-    def current_stage(self) -> int:
-        return 1
-
-    def collects_statistics(self) -> bool:
-        return self._statistics_epoch
+class _LMDUPSInStageOne(LanguageModelMixin, _DUPSInStageOne):
+    """LanguageModelDUPSModule's composition (the mixin over DUPS), held in stage 1 with a full word table."""
 
 
 def build_lm(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
@@ -223,7 +211,11 @@ def build_lm(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
 def build_lm_dups(cfg: BenchConfig, table_topk: int | None, statistics_epoch: bool) -> tuple[pl.LightningModule, Any]:
     """DUPS for the language model in a distillation stage, with the dense or the top-100 word table."""
     module = _LMDUPSInStageOne(
-        statistics_epoch, backbone="lstm_small", num_classes=LM_VOCAB, num_stages=1, table_topk=table_topk
+        statistics_epoch=statistics_epoch,
+        backbone="lstm_small",
+        num_classes=LM_VOCAB,
+        num_stages=1,
+        table_topk=table_topk,
     )
     return module, lm_batch(cfg)
 
