@@ -6,14 +6,20 @@ Every function computes its softmax / log-softmax / KL in float32 (also under mi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "aggregate_targets",
     "attention_weights",
+    "cross_entropy_and_kd",
     "empirical_mmd",
+    "expand_sparse_targets",
     "group_kd_kl_div",
     "kd_kl_div",
     "kd_kl_div_logits",
@@ -22,6 +28,7 @@ __all__ = [
     "score_difference",
     "soft_cross_entropy",
     "sparse_kd_kl_div",
+    "sparse_neg_entropy",
 ]
 
 
@@ -109,11 +116,122 @@ def sparse_kd_kl_div(
         temperature: ``T > 0``.
         t2_scaling: multiply by :math:`T^2`.
     """
+    num_classes = student_logits.shape[-1]
+    target = expand_sparse_targets(values, indices, rest, num_classes)
+    return kd_kl_div(student_logits, target, temperature, t2_scaling, sparse_neg_entropy(values, rest, num_classes))
+
+
+def expand_sparse_targets(values: Tensor, indices: Tensor, rest: Tensor, num_classes: int) -> Tensor:
+    """The ``(B, C)`` float32 rows that ``k`` stored entries and a uniform rest stand for (see
+    :func:`sparse_kd_kl_div`): :math:`q_{a_j} = v_j`, every other entry :math:`r`."""
+    target = rest.float()[:, None].expand(-1, num_classes).clone()
+    return target.scatter_(1, indices.long(), values.float())
+
+
+def sparse_neg_entropy(values: Tensor, rest: Tensor, num_classes: int) -> Tensor:
+    """``(B,)`` :math:`\\sum_j v_j \\log v_j + (C-k)\\, r \\log r` of such rows, from the stored entries alone."""
     values, rest = values.float(), rest.float()
-    num_classes, k = student_logits.shape[-1], values.shape[-1]
-    target = rest[:, None].expand(-1, num_classes).clone().scatter_(1, indices.long(), values)
-    neg_entropy = torch.xlogy(values, values).sum(-1) + (num_classes - k) * torch.xlogy(rest, rest)
-    return kd_kl_div(student_logits, target, temperature, t2_scaling, neg_entropy)
+    return torch.xlogy(values, values).sum(-1) + (num_classes - values.shape[-1]) * torch.xlogy(rest, rest)
+
+
+def cross_entropy_and_kd(
+    logits: Tensor,
+    labels: Tensor,
+    target_rows: Callable[[Tensor], Tensor],
+    target_neg_entropy: Tensor,
+    temperature: float,
+    t2_scaling: bool = True,
+    label_smoothing: float = 0.0,
+    chunk_elements: int = 2**18,
+) -> tuple[Tensor, Tensor]:
+    r"""The CE and KD terms of one batch in one pass over its logits: ``(CE, KD)``, both batch means.
+
+    .. math:: \mathrm{CE} = \frac{1}{B}\sum_i -\big[(1-\epsilon) \log s_{i y_i} + \tfrac{\epsilon}{C}
+        \textstyle\sum_c \log s_{ic}\big], \qquad
+        \mathrm{KD} = \frac{T^2}{B}\sum_i \mathrm{KL}\big(\rho_i \,\|\, \mathrm{softmax}(z_i/T)\big),
+
+    :math:`s = \mathrm{softmax}(z)`, :math:`\rho_i` = ``target_rows(labels)[i]`` (a class table's rows: DUPS Eq. 2
+    and 4-5); equal to ``F.cross_entropy(z, y, label_smoothing=eps)`` and :func:`kd_kl_div` (tested), with the
+    gradients :math:`\partial\mathrm{CE}/\partial z_i = (s_i - \bar y_i)/B` and
+    :math:`\partial\mathrm{KD}/\partial z_i = T\,(|\rho_i|\,\mathrm{softmax}(z_i/T) - \rho_i)/B`
+    (:math:`|\rho_i|` the row's mass: 0 for a class without a target, whose KL is 0).
+
+    Why one function: with 10k-word targets (language models) both terms are memory-bound passes over ``(B, C)``
+    values; working through the rows in chunks of about ``chunk_elements`` values keeps each chunk in cache for all
+    its passes (the gradients are computed in the forward pass), and the target rows are built a chunk at a time,
+    never for the whole batch. Not twice differentiable.
+
+    Args:
+        logits: ``(B, C)`` raw logits ``z`` (any float dtype; computed in float32).
+        labels: ``(B,)`` class indices.
+        target_rows: maps ``(b,)`` labels to their ``(b, C)`` float32 target rows (rows sum to 1, or 0: no target).
+        target_neg_entropy: ``(B,)`` :math:`\sum_c \rho_c \log \rho_c` of each sample's row.
+        temperature: ``T > 0``.
+        t2_scaling: multiply the KD term by :math:`T^2`.
+        label_smoothing: :math:`\epsilon` of the CE term.
+        chunk_elements: about this many logits per chunk.
+    """
+    return _CrossEntropyAndKD.apply(
+        logits, labels, target_rows, target_neg_entropy, temperature, t2_scaling, label_smoothing, chunk_elements
+    )
+
+
+class _CrossEntropyAndKD(torch.autograd.Function):
+    """:func:`cross_entropy_and_kd`; the forward pass keeps the two terms' unscaled gradients for the backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        labels: Tensor,
+        target_rows: Callable[[Tensor], Tensor],
+        target_neg_entropy: Tensor,
+        temperature: float,
+        t2_scaling: bool,
+        label_smoothing: float,
+        chunk_elements: int,
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(logits.device.type, enabled=False):
+            z = logits.detach().float()
+            batch, classes = z.shape
+            grad_ce, grad_kd = torch.empty_like(z), torch.empty_like(z)  # s - smoothed one-hot, |rho| s_T - rho
+            row_max = z.amax(1, keepdim=True)
+            stats = z.new_empty(batch, 4)  # per row: log sum exp(zs), log sum exp(zs/T), rho . zs / T, |rho|
+            step = max(1, chunk_elements // classes)
+            for start in range(0, batch, step):
+                rows = slice(start, start + step)
+                shifted, soft = grad_ce[rows], grad_kd[rows]
+                torch.sub(z[rows], row_max[rows], out=shifted)
+                torch.mul(shifted, 1.0 / temperature, out=soft)
+                rho = target_rows(labels[rows]).float()
+                stats[rows, 2] = (rho * soft).sum(1)
+                stats[rows, 3] = mass = rho.sum(1)
+                sum_soft = soft.exp_().sum(1, keepdim=True)
+                sum_exp = shifted.exp_().sum(1, keepdim=True)
+                soft.mul_(mass[:, None] / sum_soft).sub_(rho)
+                shifted.div_(sum_exp)
+                stats[rows, 0], stats[rows, 1] = sum_exp.log_().squeeze(1), sum_soft.log_().squeeze(1)
+            shifted_label = z.gather(1, labels[:, None]).squeeze(1) - row_max.squeeze(1)
+            nll = stats[:, 0] - shifted_label
+            if label_smoothing:
+                smooth = stats[:, 0] - (z.mean(1) - row_max.squeeze(1))
+                nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+                grad_ce.sub_(label_smoothing / classes)
+            grad_ce.scatter_add_(1, labels[:, None], grad_ce.new_full((batch, 1), label_smoothing - 1.0))
+            kd = target_neg_entropy.float() + stats[:, 3] * stats[:, 1] - stats[:, 2]
+            kd_scale = temperature**2 if t2_scaling else 1.0
+        ctx.save_for_backward(grad_ce, grad_kd)
+        ctx.scales = (1.0 / batch, kd_scale / (temperature * batch))
+        ctx.dtype = logits.dtype
+        return nll.mean(), kd.mean() * kd_scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out_ce: Tensor, grad_out_kd: Tensor) -> tuple[Tensor | None, ...]:
+        grad_ce, grad_kd = ctx.saved_tensors
+        ce_scale, kd_scale = ctx.scales
+        grad = torch.mul(grad_ce, grad_out_ce * ce_scale).addcmul_(grad_kd, grad_out_kd * kd_scale)  # saved: kept
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None
 
 
 def score_difference(logits: Tensor, k: int = 5) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from kd_lightning.losses import (
     aggregate_targets,
     attention_weights,
+    cross_entropy_and_kd,
     empirical_mmd,
     group_kd_kl_div,
     kd_kl_div,
@@ -265,3 +266,57 @@ def test_attention_projection_gradient_matches_finite_differences():
             numeric.view(-1)[index] = (up - down) / (2 * eps)
         assert grad.abs().max() > 1e-3
         assert torch.allclose(grad, numeric, atol=2e-3, rtol=2e-2)
+
+
+def _ce_and_kd_case(num_classes: int = 30, batch: int = 23):
+    """A table with a zero row (class 4: no target) and labels that hit it."""
+    generator = torch.Generator().manual_seed(3)
+    table = torch.softmax(2 * torch.randn(num_classes, num_classes, generator=generator), dim=-1)
+    table[4] = 0
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    labels[:2] = 4
+    logits = 3 * torch.randn(batch, num_classes, generator=generator)
+    return table, torch.xlogy(table, table).sum(-1), labels, logits
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("t2_scaling", [True, False])
+@pytest.mark.parametrize("chunk_elements", [1, 100, 10**6])  # one row per chunk, several rows, the whole batch
+def test_cross_entropy_and_kd_equals_the_two_terms_and_their_gradients(label_smoothing, t2_scaling, chunk_elements):
+    table, neg_entropy, y, z0 = _ce_and_kd_case()
+    z = z0.clone().requires_grad_()
+    ce, kd = cross_entropy_and_kd(
+        z, y, lambda rows: table[rows], neg_entropy[y], 3.0, t2_scaling, label_smoothing, chunk_elements
+    )
+    (0.3 * ce + 0.7 * kd).backward()  # different weights: the two terms' gradients are kept apart
+    z_ref = z0.clone().requires_grad_()
+    ce_ref = torch.nn.functional.cross_entropy(z_ref, y, label_smoothing=label_smoothing)
+    kd_ref = kd_kl_div(z_ref, table[y], 3.0, t2_scaling)
+    (0.3 * ce_ref + 0.7 * kd_ref).backward()
+    torch.testing.assert_close(ce, ce_ref)
+    torch.testing.assert_close(kd, kd_ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+
+
+def test_cross_entropy_and_kd_gradient_is_the_stated_one():
+    """dCE/dz = (s - onehot)/B, dKD/dz = T (|rho| softmax(z/T) - rho)/B; a sample without a target gets CE's only."""
+    table, neg_entropy, y, z0 = _ce_and_kd_case(num_classes=6, batch=5)
+    t = 2.0
+    z = z0.clone().requires_grad_()
+    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], t)
+    (g_ce,) = torch.autograd.grad(ce, z, retain_graph=True)
+    (g_kd,) = torch.autograd.grad(kd, z)
+    one_hot = torch.nn.functional.one_hot(y, 6).float()
+    torch.testing.assert_close(g_ce, (z0.softmax(-1) - one_hot) / 5)
+    rho = table[y]
+    torch.testing.assert_close(g_kd, t * (rho.sum(-1, keepdim=True) * (z0 / t).softmax(-1) - rho) / 5)
+    assert (g_kd[:2] == 0).all()  # class 4 has no target
+
+
+def test_cross_entropy_and_kd_under_bf16_logits():
+    table, neg_entropy, y, z0 = _ce_and_kd_case()
+    z = z0.bfloat16().requires_grad_()
+    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], 3.0)
+    (ce + kd).backward()
+    assert ce.dtype == kd.dtype == torch.float32 and z.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(kd, kd_kl_div(z.detach().float(), table[y], 3.0))

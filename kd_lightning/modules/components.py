@@ -7,6 +7,7 @@ language-model module use the same code without inheriting from each other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_lightning.losses import kd_kl_div, sparse_kd_kl_div
+from kd_lightning.losses import (
+    cross_entropy_and_kd,
+    expand_sparse_targets,
+    kd_kl_div,
+    sparse_kd_kl_div,
+    sparse_neg_entropy,
+)
 from kd_lightning.models.registry import create_backbone
 
 __all__: list[str] = ["ClassTargetTable", "FrozenTeacher", "TeacherOutputCache", "TopKClassTargetTable"]
@@ -220,6 +227,15 @@ class ClassTargetTable(_ClassTable):
         """The KD term of the ``(B, C)`` logits against their labels' rows (:func:`~kd_lightning.losses.kd_kl_div`)."""
         return kd_kl_div(logits, self(labels), temperature, t2_scaling, self.neg_entropy()[labels])
 
+    def ce_and_kd_loss(
+        self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True, label_smoothing: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
+        """``(CE, KD)`` of the ``(B, C)`` logits in one pass (:func:`~kd_lightning.losses.cross_entropy_and_kd`),
+        the KD term against the labels' rows, built a chunk of the batch at a time."""
+        rows = partial(torch.index_select, self.targets, 0)
+        neg_entropy = self.neg_entropy()[labels]
+        return cross_entropy_and_kd(logits, labels, rows, neg_entropy, temperature, t2_scaling, label_smoothing)
+
     def neg_entropy(self) -> Tensor:
         """``(C,)`` :math:`\\sum_j f_T(c)_j \\log f_T(c)_j` of every row (0 for a zero row), the KL's constant term;
         recomputed only when the targets change (their in-place version counter or storage)."""
@@ -333,6 +349,18 @@ class TopKClassTargetTable(_ClassTable):
         return sparse_kd_kl_div(
             logits, self.values[labels], self.indices[labels], self.rest[labels], temperature, t2_scaling
         )
+
+    def ce_and_kd_loss(
+        self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True, label_smoothing: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
+        """``(CE, KD)`` in one pass (:func:`~kd_lightning.losses.cross_entropy_and_kd`), each chunk's target rows
+        expanded from the stored entries."""
+
+        def rows(chunk: Tensor) -> Tensor:
+            return expand_sparse_targets(self.values[chunk], self.indices[chunk], self.rest[chunk], self.num_classes)
+
+        neg_entropy = sparse_neg_entropy(self.values[labels], self.rest[labels], self.num_classes)
+        return cross_entropy_and_kd(logits, labels, rows, neg_entropy, temperature, t2_scaling, label_smoothing)
 
     def dense(self) -> Tensor:
         """The ``(C, C)`` table the stored entries stand for (for inspection and tests; ``C^2`` floats)."""

@@ -239,13 +239,13 @@ class DUPSModule(StagedDistillModule):
     def training_losses(self, batch: Any) -> dict[str, Tensor]:
         x, y = self.unpack_batch(batch)
         logits = self(x)
-        losses = {"ce": self.hparams.ce_weight * self.cross_entropy(logits, y)}
         if self.collects_statistics():
             self.class_targets.update(logits, y, *self.rank_and_world_size())
-        if self.current_stage() > 0:
-            kd = self.class_targets.kd_loss(logits, y, self.hparams.temperature, self.hparams.t2_scaling)
-            losses["kd"] = self.hparams.kd_weight * kd
-        return losses
+        if self.current_stage() == 0:
+            return {"ce": self.hparams.ce_weight * self.cross_entropy(logits, y)}
+        hp = self.hparams
+        ce, kd = self.class_targets.ce_and_kd_loss(logits, y, hp.temperature, hp.t2_scaling, self.label_smoothing)
+        return {"ce": hp.ce_weight * ce, "kd": hp.kd_weight * kd}
 
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets."""

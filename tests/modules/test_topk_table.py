@@ -42,6 +42,9 @@ def test_rows_sum_to_one_and_its_kl_is_the_dense_kl_of_the_same_distribution():
     for t2 in (True, False):
         expected = kd_kl_div(logits, dense[labels], 2.0, t2)
         torch.testing.assert_close(table.kd_loss(logits, labels, 2.0, t2), expected)
+        ce, kd = table.ce_and_kd_loss(logits, labels, 2.0, t2)  # the fused path of DUPS's stages >= 1
+        torch.testing.assert_close(kd, expected)
+        torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, labels))
 
 
 def test_bounded_statistics_keep_the_dense_tables_top_k():
