@@ -302,10 +302,13 @@ def test_cross_entropy_and_kd_gradient_is_the_stated_one():
     """dCE/dz = (s - onehot)/B, dKD/dz = T (|rho| softmax(z/T) - rho)/B; a sample without a target gets CE's only."""
     table, neg_entropy, y, z0 = _ce_and_kd_case(num_classes=6, batch=5)
     t = 2.0
-    z = z0.clone().requires_grad_()
-    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], t)
-    (g_ce,) = torch.autograd.grad(ce, z, retain_graph=True)
-    (g_kd,) = torch.autograd.grad(kd, z)
+
+    def gradient(term: int) -> torch.Tensor:
+        z = z0.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], t)[term], z)
+        return grad
+
+    g_ce, g_kd = gradient(0), gradient(1)
     one_hot = torch.nn.functional.one_hot(y, 6).float()
     torch.testing.assert_close(g_ce, (z0.softmax(-1) - one_hot) / 5)
     rho = table[y]
@@ -320,3 +323,12 @@ def test_cross_entropy_and_kd_under_bf16_logits():
     (ce + kd).backward()
     assert ce.dtype == kd.dtype == torch.float32 and z.grad.dtype == torch.bfloat16
     torch.testing.assert_close(kd, kd_kl_div(z.detach().float(), table[y], 3.0))
+
+
+def test_cross_entropy_and_kd_refuses_a_second_backward():
+    table, neg_entropy, y, z0 = _ce_and_kd_case()
+    z = z0.clone().requires_grad_()
+    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], 3.0)
+    (ce + kd).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second backward through the same call"):
+        (ce + kd).backward()

@@ -167,7 +167,8 @@ class DUPSModule(StagedDistillModule):
     .. math:: \\mathcal{L} = \\lambda_{CE}\\,\\mathrm{CE}(z, y)
         + \\lambda_{KD}\\, T^2\\, \\mathrm{KL}\\big(f_T(y) \\,\\|\\, \\mathrm{softmax}(z / T)\\big)
 
-    (Eq. 2 with Eq. 4; :func:`~kd_lightning.losses.kd_kl_div`; :math:`T^2` unless ``t2_scaling=False``), where
+    (Eq. 2 with Eq. 4; both terms from one chunked pass, :func:`~kd_lightning.losses.cross_entropy_and_kd`, with
+    the module's ``label_smoothing``; :math:`T^2` unless ``t2_scaling=False``), where
     :math:`f_T(y)` is row ``y`` of the :class:`~kd_lightning.modules.components.ClassTargetTable`: the average
     softened prediction of up to ``num_peers`` samples of class ``y``, taken in the last epoch of the previous
     stage (Eq. 5). Stage 0 trains with :math:`\\lambda_{CE}\\,\\mathrm{CE}` only. Stages: see
