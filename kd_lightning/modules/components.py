@@ -364,8 +364,7 @@ class TopKClassTargetTable(_ClassTable):
 
     def dense(self) -> Tensor:
         """The ``(C, C)`` table the stored entries stand for (for inspection and tests; ``C^2`` floats)."""
-        full = self.rest[:, None].expand(-1, self.num_classes).clone()
-        return full.scatter_(1, self.indices, self.values)
+        return expand_sparse_targets(self.values, self.indices, self.rest, self.num_classes)
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
