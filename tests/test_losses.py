@@ -10,6 +10,7 @@ from kd_lightning.losses import (
     attention_weights,
     cross_entropy_and_kd,
     empirical_mmd,
+    expand_sparse_targets,
     group_kd_kl_div,
     kd_kl_div,
     kd_kl_div_logits,
@@ -18,6 +19,7 @@ from kd_lightning.losses import (
     score_difference,
     soft_cross_entropy,
     sparse_kd_kl_div,
+    sparse_neg_entropy,
 )
 
 
@@ -276,39 +278,69 @@ def _ce_and_kd_case(num_classes: int = 30, batch: int = 23):
     labels = torch.randint(0, num_classes, (batch,), generator=generator)
     labels[:2] = 4
     logits = 3 * torch.randn(batch, num_classes, generator=generator)
-    return table, torch.xlogy(table, table).sum(-1), labels, logits
+    return table, labels, logits
+
+
+def _fused(z, y, table, t, weights=(1.0, 1.0), **kwargs):
+    """cross_entropy_and_kd against the rows of a dense table."""
+    stats = torch.xlogy(table, table).sum(-1)[y], table.sum(-1)[y]
+    return cross_entropy_and_kd(
+        z, y, lambda rows: table[y[rows]], *stats, t, ce_weight=weights[0], kd_weight=weights[1], **kwargs
+    )
+
+
+def _reference(z, y, table, t, t2_scaling=True, label_smoothing=0.0):
+    ce = torch.nn.functional.cross_entropy(z, y, label_smoothing=label_smoothing)
+    return ce, kd_kl_div(z, table[y], t, t2_scaling)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("t2_scaling", [True, False])
 @pytest.mark.parametrize("chunk_elements", [1, 100, 10**6])  # one row per chunk, several rows, the whole batch
-def test_cross_entropy_and_kd_equals_the_two_terms_and_their_gradients(label_smoothing, t2_scaling, chunk_elements):
-    table, neg_entropy, y, z0 = _ce_and_kd_case()
+@pytest.mark.parametrize("temperature", [3.0, 2.5, 20.0])  # by squaring, by a second exponential (twice)
+def test_cross_entropy_and_kd_equals_the_two_terms_and_their_gradients(
+    label_smoothing, t2_scaling, chunk_elements, temperature
+):
+    table, y, z0 = _ce_and_kd_case()
+    settings = {"t2_scaling": t2_scaling, "label_smoothing": label_smoothing}
     z = z0.clone().requires_grad_()
-    ce, kd = cross_entropy_and_kd(
-        z, y, lambda rows: table[rows], neg_entropy[y], 3.0, t2_scaling, label_smoothing, chunk_elements
-    )
-    (0.3 * ce + 0.7 * kd).backward()  # different weights: the two terms' gradients are kept apart
+    ce, kd = _fused(z, y, table, temperature, (0.3, 0.7), chunk_elements=chunk_elements, **settings)
+    (ce + kd).backward()  # the forward's gradient, handed on
     z_ref = z0.clone().requires_grad_()
-    ce_ref = torch.nn.functional.cross_entropy(z_ref, y, label_smoothing=label_smoothing)
-    kd_ref = kd_kl_div(z_ref, table[y], 3.0, t2_scaling)
+    ce_ref, kd_ref = _reference(z_ref, y, table, temperature, **settings)
     (0.3 * ce_ref + 0.7 * kd_ref).backward()
-    torch.testing.assert_close(ce, ce_ref)
-    torch.testing.assert_close(kd, kd_ref)
+    torch.testing.assert_close(ce, 0.3 * ce_ref)
+    torch.testing.assert_close(kd, 0.7 * kd_ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+
+
+def test_cross_entropy_and_kd_other_combinations_get_their_own_gradient():
+    """Terms weighted apart after the call, and a second backward through the same graph: exact gradients."""
+    table, y, z0 = _ce_and_kd_case()
+    z = z0.clone().requires_grad_()
+    ce, kd = _fused(z, y, table, 3.0, (2.0, 1.0))
+    (0.15 * ce + 0.7 * kd).backward(retain_graph=True)
+    first = z.grad.clone()
+    (0.5 * (ce + kd)).backward()  # the forward's buffer was handed on: one more pass
+    z_ref = z0.clone().requires_grad_()
+    ce_ref, kd_ref = _reference(z_ref, y, table, 3.0)
+    (0.3 * ce_ref + 0.7 * kd_ref).backward(retain_graph=True)
+    torch.testing.assert_close(first, z_ref.grad)
+    (ce_ref + 0.5 * kd_ref).backward()
     torch.testing.assert_close(z.grad, z_ref.grad)
 
 
 def test_cross_entropy_and_kd_gradient_is_the_stated_one():
     """dCE/dz = (s - onehot)/B, dKD/dz = T (|rho| softmax(z/T) - rho)/B; a sample without a target gets CE's only."""
-    table, neg_entropy, y, z0 = _ce_and_kd_case(num_classes=6, batch=5)
+    table, y, z0 = _ce_and_kd_case(num_classes=6, batch=5)
     t = 2.0
 
-    def gradient(term: int) -> torch.Tensor:
+    def gradient(weights: tuple[float, float]) -> torch.Tensor:
         z = z0.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], t)[term], z)
+        (grad,) = torch.autograd.grad(sum(_fused(z, y, table, t, weights)), z)
         return grad
 
-    g_ce, g_kd = gradient(0), gradient(1)
+    g_ce, g_kd = gradient((1.0, 0.0)), gradient((0.0, 1.0))
     one_hot = torch.nn.functional.one_hot(y, 6).float()
     torch.testing.assert_close(g_ce, (z0.softmax(-1) - one_hot) / 5)
     rho = table[y]
@@ -316,19 +348,41 @@ def test_cross_entropy_and_kd_gradient_is_the_stated_one():
     assert (g_kd[:2] == 0).all()  # class 4 has no target
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_and_kd_with_sparse_targets_equals_their_dense_rows(label_smoothing):
+    """Targets given as (values, indices, rest): the same terms and gradient as the rows they stand for."""
+    table, y, z0 = _ce_and_kd_case()
+    values, indices = table.topk(4, dim=-1)
+    rest = (1 - values.sum(-1)) / 26
+    rest[4] = 0  # no target
+    dense = expand_sparse_targets(values, indices, rest, 30)
+    z = z0.clone().requires_grad_()
+    v, i, r = values[y], indices[y], rest[y]
+    ce, kd = cross_entropy_and_kd(
+        z,
+        y,
+        (v, i, r),
+        sparse_neg_entropy(v, r, 30),
+        v.sum(-1) + 26 * r,
+        3.0,
+        label_smoothing=label_smoothing,
+        ce_weight=0.8,
+        kd_weight=0.2,
+        chunk_elements=100,
+    )
+    (ce + kd).backward()
+    z_ref = z0.clone().requires_grad_()
+    ce_ref, kd_ref = _reference(z_ref, y, dense, 3.0, label_smoothing=label_smoothing)
+    (0.8 * ce_ref + 0.2 * kd_ref).backward()
+    torch.testing.assert_close(kd, 0.2 * kd_ref)
+    torch.testing.assert_close(ce, 0.8 * ce_ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+
+
 def test_cross_entropy_and_kd_under_bf16_logits():
-    table, neg_entropy, y, z0 = _ce_and_kd_case()
+    table, y, z0 = _ce_and_kd_case()
     z = z0.bfloat16().requires_grad_()
-    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], 3.0)
+    ce, kd = _fused(z, y, table, 3.0)
     (ce + kd).backward()
     assert ce.dtype == kd.dtype == torch.float32 and z.grad.dtype == torch.bfloat16
     torch.testing.assert_close(kd, kd_kl_div(z.detach().float(), table[y], 3.0))
-
-
-def test_cross_entropy_and_kd_refuses_a_second_backward():
-    table, neg_entropy, y, z0 = _ce_and_kd_case()
-    z = z0.clone().requires_grad_()
-    ce, kd = cross_entropy_and_kd(z, y, lambda rows: table[rows], neg_entropy[y], 3.0)
-    (ce + kd).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="a second backward through the same call"):
-        (ce + kd).backward()

@@ -7,7 +7,6 @@ language-model module use the same code without inheriting from each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_lightning.losses import (
+    SparseTargets,
     cross_entropy_and_kd,
     expand_sparse_targets,
     kd_kl_div,
@@ -148,6 +148,23 @@ class _ClassTable(nn.Module):
         names = [f"{prefix}.{name}" for name, _ in self.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [*ignored, *names])
 
+    def ce_and_kd_loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        temperature: float,
+        t2_scaling: bool = True,
+        label_smoothing: float = 0.0,
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
+        """``(ce_weight * CE, kd_weight * KD)`` of the ``(B, C)`` logits in one pass, the KD term against the
+        labels' rows (:func:`~kd_lightning.losses.cross_entropy_and_kd`, with :meth:`batch_targets`)."""
+        targets, neg_entropy, mass = self.batch_targets(labels)
+        return cross_entropy_and_kd(
+            logits, labels, targets, neg_entropy, mass, temperature, t2_scaling, label_smoothing, ce_weight, kd_weight
+        )
+
     def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
         """Samples per class that rank ``rank`` of ``world_size`` keeps: ``n // W + (rank < n % W)``; None: all."""
         if self.num_peers is None:
@@ -216,8 +233,8 @@ class ClassTargetTable(_ClassTable):
         self.average = average
         self.register_buffer("targets", torch.zeros(num_classes, num_classes))
         self.register_buffer("sums", torch.zeros(num_classes, num_classes))
-        self._neg_entropy_key: tuple[int, int] | None = None
-        self._neg_entropy = torch.zeros(num_classes)
+        self._row_statistics_key: tuple[int, int] | None = None
+        self._row_statistics = (torch.zeros(num_classes), torch.zeros(num_classes))
 
     def forward(self, labels: Tensor) -> Tensor:
         """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
@@ -225,25 +242,22 @@ class ClassTargetTable(_ClassTable):
 
     def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
         """The KD term of the ``(B, C)`` logits against their labels' rows (:func:`~kd_lightning.losses.kd_kl_div`)."""
-        return kd_kl_div(logits, self(labels), temperature, t2_scaling, self.neg_entropy()[labels])
+        return kd_kl_div(logits, self(labels), temperature, t2_scaling, self.row_statistics()[0][labels])
 
-    def ce_and_kd_loss(
-        self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True, label_smoothing: float = 0.0
-    ) -> tuple[Tensor, Tensor]:
-        """``(CE, KD)`` of the ``(B, C)`` logits in one pass (:func:`~kd_lightning.losses.cross_entropy_and_kd`),
-        the KD term against the labels' rows, built a chunk of the batch at a time."""
-        rows = partial(torch.index_select, self.targets, 0)
-        neg_entropy = self.neg_entropy()[labels]
-        return cross_entropy_and_kd(logits, labels, rows, neg_entropy, temperature, t2_scaling, label_smoothing)
+    def batch_targets(self, labels: Tensor) -> tuple[Callable[[slice], Tensor], Tensor, Tensor]:
+        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.losses.cross_entropy_and_kd`: their rows,
+        gathered a chunk of the batch at a time, and their entropy terms and masses."""
+        neg_entropy, mass = (stat[labels] for stat in self.row_statistics())
+        return lambda rows: self.targets.index_select(0, labels[rows]), neg_entropy, mass
 
-    def neg_entropy(self) -> Tensor:
-        """``(C,)`` :math:`\\sum_j f_T(c)_j \\log f_T(c)_j` of every row (0 for a zero row), the KL's constant term;
-        recomputed only when the targets change (their in-place version counter or storage)."""
+    def row_statistics(self) -> tuple[Tensor, Tensor]:
+        """``(C,)`` :math:`\\sum_j f_T(c)_j \\log f_T(c)_j` (the KL's constant term) and ``(C,)`` masses of the rows
+        (0 for a zero row); recomputed only when the targets change (their in-place version counter or storage)."""
         key = (self.targets._version, self.targets.data_ptr())
-        if self._neg_entropy_key != key:
-            self._neg_entropy = torch.xlogy(self.targets, self.targets).sum(-1)
-            self._neg_entropy_key = key
-        return self._neg_entropy
+        if self._row_statistics_key != key:
+            self._row_statistics = (torch.xlogy(self.targets, self.targets).sum(-1), self.targets.sum(-1))
+            self._row_statistics_key = key
+        return self._row_statistics
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
@@ -350,17 +364,12 @@ class TopKClassTargetTable(_ClassTable):
             logits, self.values[labels], self.indices[labels], self.rest[labels], temperature, t2_scaling
         )
 
-    def ce_and_kd_loss(
-        self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True, label_smoothing: float = 0.0
-    ) -> tuple[Tensor, Tensor]:
-        """``(CE, KD)`` in one pass (:func:`~kd_lightning.losses.cross_entropy_and_kd`), each chunk's target rows
-        expanded from the stored entries."""
-
-        def rows(chunk: Tensor) -> Tensor:
-            return expand_sparse_targets(self.values[chunk], self.indices[chunk], self.rest[chunk], self.num_classes)
-
-        neg_entropy = sparse_neg_entropy(self.values[labels], self.rest[labels], self.num_classes)
-        return cross_entropy_and_kd(logits, labels, rows, neg_entropy, temperature, t2_scaling, label_smoothing)
+    def batch_targets(self, labels: Tensor) -> tuple[SparseTargets, Tensor, Tensor]:
+        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.losses.cross_entropy_and_kd`: their stored
+        entries (no row is expanded), entropy terms and masses."""
+        values, rest = self.values[labels], self.rest[labels]
+        mass = values.sum(-1) + (self.num_classes - self.k) * rest
+        return (values, self.indices[labels], rest), sparse_neg_entropy(values, rest, self.num_classes), mass
 
     def dense(self) -> Tensor:
         """The ``(C, C)`` table the stored entries stand for (for inspection and tests; ``C^2`` floats)."""

@@ -245,8 +245,10 @@ class DUPSModule(StagedDistillModule):
         if self.current_stage() == 0:
             return {"ce": self.hparams.ce_weight * self.cross_entropy(logits, y)}
         hp = self.hparams
-        ce, kd = self.class_targets.ce_and_kd_loss(logits, y, hp.temperature, hp.t2_scaling, self.label_smoothing)
-        return {"ce": hp.ce_weight * ce, "kd": hp.kd_weight * kd}
+        ce, kd = self.class_targets.ce_and_kd_loss(
+            logits, y, hp.temperature, hp.t2_scaling, self.label_smoothing, hp.ce_weight, hp.kd_weight
+        )
+        return {"ce": ce, "kd": kd}
 
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets."""
