@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from benchmarks.fused_loss import main as fused_loss_main
 from benchmarks.overhead import main
 
 
@@ -23,3 +24,10 @@ def test_benchmark_rows(tmp_path, capsys):
 def test_benchmark_rejects_unknown_method():
     with pytest.raises(SystemExit):
         main(["--methods", "ce,nope"])
+
+
+def test_fused_loss_benchmark_rows(capsys):
+    rows = fused_loss_main(["--rows", "30", "--hidden", "8", "--classes", "50", "--topk", "5", "--repeats", "2"])
+    assert [r["row"] for r in rows] == ["ce", "fused_dense", "fused_topk"]
+    assert rows[0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert "fused_topk" in capsys.readouterr().out
