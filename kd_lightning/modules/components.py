@@ -266,11 +266,13 @@ class ClassTargetTable(_ClassTable):
         With ``num_peers``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
         within the batch, the samples of a class are taken in a random order (this draws from the global RNG).
         """
-        values = logits.detach().float()
-        if self.average == "probs":
-            values = (values / self.temperature).softmax(dim=-1)
         weight = self.peer_weights(labels, rank, world_size)
-        self.sums.index_add_(0, labels, values * weight[:, None])
+        values = logits.detach().float()
+        if self.average == "probs":  # a fresh buffer: weighted in place
+            values = (values / self.temperature).softmax(dim=-1).mul_(weight[:, None])
+        else:
+            values = values * weight[:, None]
+        self.sums.index_add_(0, labels, values)
         self.counts.index_add_(0, labels, weight)
 
     @torch.no_grad()
