@@ -151,7 +151,7 @@ def cross_entropy_and_kd(
     label_smoothing: float = 0.0,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
-    chunk_elements: int = 2**18,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The weighted CE and KD terms of one batch in one pass over its logits: ``(ce_weight * CE, kd_weight * KD)``.
 
@@ -189,7 +189,9 @@ def cross_entropy_and_kd(
         label_smoothing: :math:`\epsilon` of the CE term.
         ce_weight: factor of the CE term.
         kd_weight: factor of the KD term.
-        chunk_elements: about this many logits per chunk.
+        chunk_elements: about this many logits per chunk; None: ``2**18`` on CPU (a chunk and its scratch fit in
+            a core's L2), the whole batch on an accelerator (where chunks would only add kernel launches; not
+            measured here: no GPU).
     """
     return _CrossEntropyAndKD.apply(
         logits,
@@ -209,7 +211,7 @@ class _FusedPass(NamedTuple):
     label_smoothing: float
     ce_weight: float
     kd_weight: float
-    chunk_elements: int
+    chunk_elements: int | None
 
     def kd_factor(self) -> float:
         """The factor of the mean KL in the KD term: :math:`T^2` or 1."""
@@ -228,7 +230,8 @@ class _FusedPass(NamedTuple):
         batch, classes = z.shape
         t = self.temperature
         grad = torch.empty_like(z)
-        step = max(1, min(batch, self.chunk_elements // classes))
+        chunk = self.chunk_elements or (2**18 if z.device.type == "cpu" else batch * classes)
+        step = max(1, min(batch, chunk // classes))
         scratch = z.new_empty(step, classes)
         kd_rows = mass[:, None].float() * kd_scale
         row_max, sum_exp, sum_soft, dot = (z.new_empty(batch, 1) for _ in range(4))
