@@ -19,18 +19,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import cross_entropy_and_kd, sparse_neg_entropy
+from kd_lightning.modules.components import ClassTargetTable, TopKClassTargetTable
 
 
 def build_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
-    """The three timed functions, on one random batch, table and output layer."""
+    """The three timed functions, on one random batch and output layer; the tables' own ``ce_and_kd_loss``."""
     gen = torch.Generator().manual_seed(0)
-    n, c, k, t = args.rows, args.classes, args.topk, args.temperature
-    table = torch.rand(c, c, generator=gen) ** 8
-    table /= table.sum(1, keepdim=True)
-    neg_entropy, mass = torch.xlogy(table, table).sum(1), table.sum(1)
-    top_values, top_indices = table.topk(k, dim=1)
-    rest = (1 - top_values.sum(1)) / (c - k)
+    n, c, t = args.rows, args.classes, args.temperature
+    dense = ClassTargetTable(c, t)
+    dense.targets.copy_(torch.rand(c, c, generator=gen) ** 8)
+    dense.targets /= dense.targets.sum(1, keepdim=True)
+    topk = TopKClassTargetTable(c, t, args.topk)
+    kept = dense.targets.topk(args.topk, dim=1)
+    topk.values.copy_(kept.values)
+    topk.indices.copy_(kept.indices)
+    topk.rest.copy_((1 - topk.values.sum(1)) / (c - args.topk))
     hidden = torch.randn(n, args.hidden, generator=gen, requires_grad=True)
     weight = (0.1 * torch.randn(c, args.hidden, generator=gen)).requires_grad_()
     labels = torch.randint(0, c, (n,), generator=gen)
@@ -38,22 +41,13 @@ def build_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     def ce() -> None:
         F.cross_entropy(hidden @ weight.t(), labels).backward()
 
-    def dense_rows(part: slice) -> torch.Tensor:
-        return table.index_select(0, labels[part])
+    def fused(table: ClassTargetTable | TopKClassTargetTable) -> Callable[[], None]:
+        def run() -> None:
+            sum(table.ce_and_kd_loss(hidden @ weight.t(), labels, t, ce_weight=0.8, kd_weight=0.2)).backward()
 
-    def fused_dense() -> None:
-        stats = neg_entropy[labels], mass[labels]
-        loss = cross_entropy_and_kd(hidden @ weight.t(), labels, dense_rows, *stats, t, **weights)
-        sum(loss).backward()
+        return run
 
-    def fused_topk() -> None:
-        values, indices, kept_rest = top_values[labels], top_indices[labels], rest[labels]
-        stats = sparse_neg_entropy(values, kept_rest, c), values.sum(1) + (c - k) * kept_rest
-        loss = cross_entropy_and_kd(hidden @ weight.t(), labels, (values, indices, kept_rest), *stats, t, **weights)
-        sum(loss).backward()
-
-    weights = {"ce_weight": 0.8, "kd_weight": 0.2}
-    return {"ce": ce, "fused_dense": fused_dense, "fused_topk": fused_topk}
+    return {"ce": ce, "fused_dense": fused(dense), "fused_topk": fused(topk)}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
