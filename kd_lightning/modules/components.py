@@ -319,7 +319,8 @@ class TopKClassTargetTable(_ClassTable):
     Row ``c`` is :math:`f_T(c)` of Eq. 4-5 (the mean of :math:`\mathrm{softmax}(z/T)` over the peers of ``c``)
     reduced to its ``k`` largest entries, the remaining mass spread uniformly over the other ``C - k`` classes (as
     KD-topk's target); :meth:`kd_loss` is :func:`~kd_lightning.losses.sparse_kd_kl_div` (only the batch's rows are
-    expanded, the entropy term comes from the stored entries). Memory: ``C * k * 12`` bytes for the table and
+    expanded, the entropy term comes from the stored entries); :meth:`ce_and_kd_loss` (DUPS's stages >= 1) expands
+    none. Memory: ``C * k * 12`` bytes for the table and
     ``C * m * 12`` for the statistics, against ``8 * C^2`` for the dense table and its sums (10k words, k = 100:
     12 + 24 MB instead of 800 MB).
 
