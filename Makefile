@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/kd-lightning fit --config configs/quickstart.yaml
+	$(VENV)/bin/kd-lightning fit --config configs/quickstart.yaml --overwrite true  # a re-run replaces the last demo
 
 test: setup
 	$(PY) -m pytest -q

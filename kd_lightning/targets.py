@@ -23,6 +23,8 @@ at temperature :math:`T`.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +33,7 @@ __all__ = [
     "TABLE_OF_KIND",
     "TARGET_KINDS",
     "TEACHER_FORWARD_KINDS",
+    "TargetKind",
     "check_target_kind",
     "gradient_rescaling",
     "kd_target",
@@ -44,8 +47,10 @@ __all__ = [
     "uniform_target",
 ]
 
+#: A target kind (the ``target_kind`` of :class:`~kd_lightning.modules.distill.DistillModule`).
+TargetKind = Literal["kd", "ls", "pt", "sim", "pt+sim", "topk", "rel", "pt+rel"]
 #: Every target kind, in the order of the paper.
-TARGET_KINDS: tuple[str, ...] = ("kd", "ls", "pt", "sim", "pt+sim", "topk", "rel", "pt+rel")
+TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 #: Kinds whose target depends on the teacher's output for the batch (the others never run the teacher).
 TEACHER_FORWARD_KINDS: frozenset[str] = frozenset({"kd", "pt", "pt+sim", "topk", "pt+rel"})
 #: Kind -> the class table it reads (``"sim"``: from the teacher's classifier, ``"rel"``: from the super-classes).

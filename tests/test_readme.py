@@ -35,7 +35,6 @@ TINY = [
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
     "--trainer.limit_test_batches=1",
-    "--trainer.logger=false",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]

@@ -22,8 +22,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from kd_lightning.modules.components import distributed_sampler_of
 from kd_lightning.targets import gradient_rescaling, kd_target
 
 __all__ = ["DistillDiagnostics", "class_correlation", "spearman", "superclass_contrast", "superclass_order"]
@@ -67,6 +69,8 @@ def superclass_contrast(corr: Tensor, superclass_map: Tensor) -> float:
 class DistillDiagnostics(Callback):
     """Draws Figs. 1 and 2 of Tang et al. at the end of fit (and every ``every_n_epochs``), logs and saves them.
 
+    The examples are the first ``max_samples`` of the whole validation set, on rank 0 (a trainer's validation loader
+    with a distributed sampler is read without it, so the figures do not depend on the number of devices).
     Figure (a) needs a teacher: ``pl_module.teacher`` (a :class:`~kd_lightning.DistillModule`), or the module itself
     when it has none (a teacher being trained). Figure (b) needs a student with a teacher, and reads its ``alpha``
     and ``temperature``. Each figure is saved as a PNG under ``dirpath`` and sent to every logger that takes
@@ -152,6 +156,7 @@ class DistillDiagnostics(Callback):
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         if not loader:
             return None
+        loader = _unsharded(loader)
         teacher = getattr(pl_module, "teacher", None)
         was_training = pl_module.training
         pl_module.eval()
@@ -210,3 +215,20 @@ class DistillDiagnostics(Callback):
         ax.set_ylabel("gradient rescaling factor $w_t$")
         ax.set_title(f"Proposition 2: Spearman rho = {rank_correlation:.2f} (alpha={alpha:g})")
         return figure
+
+
+def _unsharded(loader: DataLoader) -> DataLoader:
+    """``loader`` over its whole dataset, in order, when it has a distributed sampler.
+
+    The trainer's validation loaders (used when there is no datamodule) carry Lightning's distributed sampler: on
+    rank 0, the one that draws, they would yield only its shard (rank 0's shard is never padded, so no sample would
+    be repeated, but the figures would depend on the number of devices). A datamodule's fresh loader has none.
+    """
+    if distributed_sampler_of(loader) is None:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=getattr(loader.batch_sampler, "batch_size", None) or 1,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )

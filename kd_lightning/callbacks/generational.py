@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +44,8 @@ class GenerationalKD(Callback):
 
     When the fit ends, a table of every generation's final validation metrics (single network, ensemble of
     generations up to it, mean primary-class confidence) is printed; after a test, the same table on the test set.
+    The validation rows (:attr:`history`) are recorded after each validation of the fit and saved in checkpoints, so
+    a resumed run prints the same table as an uninterrupted one.
 
     Args:
         generations: number of student generations ``G`` after the patriarch (the run trains ``G + 1`` networks).
@@ -124,7 +127,6 @@ class GenerationalKD(Callback):
                 f"epoch {trainer.current_epoch} belongs to generation {due} but the module finished only "
                 f"{pl_module.generation} generations: was a checkpoint of another run loaded?"
             )
-        self._record(trainer, pl_module.generation)
         pl_module.start_next_generation(self._base_seed + due)
         trainer.strategy.setup_optimizers(trainer)
         rank_zero_info(
@@ -132,16 +134,19 @@ class GenerationalKD(Callback):
             f"generation {due - 1} is its teacher; weights, optimizer and LR schedule re-initialised"
         )
 
-    def _record(self, trainer: pl.Trainer, generation: int) -> None:
-        prefix = f"val/gen{generation}/"
-        metrics = {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-        if metrics:
-            self.history[generation] = metrics
-
     # ------------------------------------------------------------------------------------------- summaries
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: GenerationModule) -> None:
+        """Record the generation's latest validation metrics, before the checkpoint callbacks save this state."""
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        prefix = f"val/gen{pl_module.generation}/"
+        metrics = {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        if metrics:
+            self.history[pl_module.generation] = metrics
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: GenerationModule) -> None:
-        self._record(trainer, pl_module.generation)
         if self.print_tables and trainer.is_global_zero and self.history:
             print_generation_table("validation, last epoch of each generation", self.history)
 

@@ -23,6 +23,8 @@ for on-device augmentation, a :class:`~kd_lightning.data.transforms.BatchAugment
   loaders are built, so a run resumed from an epoch-end checkpoint shuffles the following epochs exactly as the
   uninterrupted run. (Under a distributed strategy Lightning replaces the sampler with a ``DistributedSampler``,
   which shuffles with its own epoch-based seed.) Evaluation loaders get a fresh fixed-seed generator each time.
+* **Pickling.** The generators are pickled as their states (``bytes``, see :meth:`__getstate__`), so ``ddp_spawn``
+  can send the datamodule to its processes; each process continues from the parent's generator states.
 * **On-device augmentation.** When a subclass sets :attr:`batch_augment`, its loaders yield ``uint8`` images and
   :meth:`on_after_batch_transfer` augments them on the accelerator (``trainer.training``: random crop/flip and
   normalise, each view independently; otherwise normalise only).
@@ -45,6 +47,8 @@ __all__ = ["ClassificationDataModule", "TransformedSubset", "collate_pairs", "st
 
 #: Seed of the generator every evaluation loader gets (it only draws the workers' base seed).
 EVAL_LOADER_SEED = 0
+#: The datamodule's own generators (training loader): checkpointed, and pickled as their states.
+_GENERATORS = ("shuffle_generator", "worker_seed_generator")
 
 
 def stratified_split(labels: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -311,16 +315,34 @@ class ClassificationDataModule(LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         """The states of the training loader's generators (saved in Lightning checkpoints)."""
-        return {
-            "shuffle_generator": self.shuffle_generator.get_state(),
-            "worker_seed_generator": self.worker_seed_generator.get_state(),
-        }
+        return {name: getattr(self, name).get_state() for name in _GENERATORS}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the generators in place (loaders already built keep using them)."""
-        for name in ("shuffle_generator", "worker_seed_generator"):
+        for name in _GENERATORS:
             getattr(self, name).set_state(state_dict[name].to("cpu", torch.uint8))
+
+    # --------------------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """The attributes, with each generator replaced by its state as ``bytes`` (see :meth:`__setstate__`).
+
+        torch pickles a ``Generator`` as a state tensor made on the fly. A process started by ``ddp_spawn`` receives
+        tensors through file descriptors of shared memory, and that temporary tensor is freed, closing its
+        descriptor, before the child starts: the launch fails with "bad value(s) in fds_to_keep" (or the child would
+        read a stale descriptor). Bytes travel by value.
+        """
+        state = self.__dict__.copy()
+        for name in _GENERATORS:
+            state[name] = state[name].get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the attributes, rebuilding each generator from the state :meth:`__getstate__` gave."""
+        state = dict(state)
+        for name in _GENERATORS:
+            state[name] = torch.Generator().set_state(torch.frombuffer(bytearray(state[name]), dtype=torch.uint8))
+        self.__dict__.update(state)
 
 
 def _identity(x: Any) -> Any:

@@ -440,8 +440,9 @@ class ImageFolderDataModule(ImageFileDataModule):
 
     Raises:
         ValueError: ``test_size < 0``, or ``validate_on_test_set`` with ``val_size > 0``; at set-up, the errors of
-            :func:`scan_class_folders`, a ``val_dir`` class the training folder lacks, a ``val_dir`` folder without a
-            ``train_dir`` one, a ``test_size`` that leaves no training images, or no test images for ``test``.
+            :func:`scan_class_folders`, a training folder with a single class, a ``val_dir`` class the training folder
+            lacks, a ``val_dir`` folder without a ``train_dir`` one, a ``test_size`` that leaves no training images,
+            or no test images for ``test``.
         FileNotFoundError: (at set-up) ``root`` does not exist.
     """
 
@@ -525,6 +526,11 @@ class ImageFolderDataModule(ImageFileDataModule):
                 )
             what = "training folder" if train_folder != self.root else "dataset folder"
             classes, paths, labels = scan_class_folders(train_folder, what)
+            if len(classes) < 2:
+                raise ValueError(
+                    f"{what} {train_folder} has a single class folder, {classes[0]!r}: classification needs at least 2 "
+                    f"classes, one sub-folder of images per class ({train_folder}/<class>/<image>)"
+                )
             pool = ImageFiles(train_folder, paths, labels)
             test: ImageFiles | None = None
             if val_folder is not None:

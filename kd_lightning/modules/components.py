@@ -6,6 +6,7 @@ language-model module use the same code without inheriting from each other.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DistributedSampler
 
+from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.losses import (
     SparseTargets,
     cross_entropy_and_kd,
@@ -24,7 +27,14 @@ from kd_lightning.losses import (
 )
 from kd_lightning.models.registry import create_backbone
 
-__all__: list[str] = ["ClassTargetTable", "FrozenTeacher", "TeacherOutputCache", "TopKClassTargetTable"]
+__all__: list[str] = [
+    "ClassTargetTable",
+    "FrozenTeacher",
+    "ShardPadding",
+    "TeacherOutputCache",
+    "TopKClassTargetTable",
+    "distributed_sampler_of",
+]
 
 
 class FrozenTeacher(nn.Module):
@@ -70,13 +80,12 @@ class FrozenTeacher(nn.Module):
 
         Raises:
             FileNotFoundError: no file at ``checkpoint``.
+            CheckpointError: the file is not a checkpoint (see :func:`~kd_lightning.checkpoints.read_checkpoint`).
             ValueError: the checkpoint holds another backbone or another number of classes (the message names
                 both), or its weights do not fit.
         """
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"no teacher checkpoint at {path}")
-        raw = torch.load(path, map_location="cpu", weights_only=False)
+        raw = read_checkpoint(path, what="teacher checkpoint")
         lightning_format = isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict)
         state = raw["state_dict"] if lightning_format else raw
         hparams = raw.get("hyper_parameters", {}) if lightning_format else {}
@@ -171,12 +180,21 @@ class _ClassTable(nn.Module):
             return None
         return self.num_peers // world_size + int(rank < self.num_peers % world_size)
 
-    def peer_weights(self, labels: Tensor, rank: int, world_size: int) -> Tensor:
-        """``(B,)`` float 1/0: whether each sample still counts for its class (the ``num_peers`` quota)."""
+    def peer_weights(self, labels: Tensor, rank: int, world_size: int, mask: Tensor | None = None) -> Tensor:
+        """``(B,)`` float 1/0: whether each sample counts for its class: it is in ``mask`` (None: every sample) and
+        its class is still under the ``num_peers`` quota.
+
+        A sample outside ``mask`` (a distributed sampler's padding, see :class:`ShardPadding`) takes no place in its
+        class's quota: the random ranks within a class are drawn among the samples in ``mask`` (by the same draw from
+        the global RNG as without a mask).
+        """
         quota = self.peers_per_rank(rank, world_size)
         if quota is None:
-            return torch.ones_like(labels, dtype=torch.float32)
-        return (self.counts[labels] + _random_rank_within_class(labels) < quota).float()
+            return torch.ones_like(labels, dtype=torch.float32) if mask is None else mask.float()
+        if mask is None:
+            return (self.counts[labels] + _random_rank_within_class(labels) < quota).float()
+        groups = torch.where(mask, labels, labels + self.num_classes)  # the masked samples ranked apart
+        return (mask & (self.counts[labels] + _random_rank_within_class(groups) < quota)).float()
 
 
 class ClassTargetTable(_ClassTable):
@@ -260,13 +278,17 @@ class ClassTargetTable(_ClassTable):
         return self._row_statistics
 
     @torch.no_grad()
-    def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
+    def update(
+        self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1, mask: Tensor | None = None
+    ) -> None:
         """Add the ``(B, C)`` logits (detached) of samples with ``(B,)`` labels to the per-class statistics.
 
         With ``num_peers``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
         within the batch, the samples of a class are taken in a random order (this draws from the global RNG).
+        ``mask``: ``(B,)`` bool, the samples to count (False: a distributed sampler's padding, which another rank
+        counts already: :meth:`ShardPadding.next_mask`); None: every sample.
         """
-        weight = self.peer_weights(labels, rank, world_size)
+        weight = self.peer_weights(labels, rank, world_size, mask)
         values = logits.detach().float()
         if self.average == "probs":  # a fresh buffer: weighted in place
             values = (values / self.temperature).softmax(dim=-1).mul_(weight[:, None])
@@ -379,9 +401,12 @@ class TopKClassTargetTable(_ClassTable):
         return expand_sparse_targets(self.values, self.indices, self.rest, self.num_classes)
 
     @torch.no_grad()
-    def update(self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1) -> None:
-        """Add the ``m`` largest softened probabilities of each of the ``(B, C)`` logits to its label's statistics."""
-        weight = self.peer_weights(labels, rank, world_size)
+    def update(
+        self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1, mask: Tensor | None = None
+    ) -> None:
+        """Add the ``m`` largest softened probabilities of each of the ``(B, C)`` logits to its label's statistics
+        (``num_peers`` and ``mask`` as in :meth:`ClassTargetTable.update`)."""
+        weight = self.peer_weights(labels, rank, world_size, mask)
         probs = (logits.detach().float() / self.temperature).softmax(dim=-1)
         values, indices = probs.topk(self.width, dim=-1)
         self._pending.append((labels[:, None].expand_as(indices), indices, values * weight[:, None]))
@@ -490,6 +515,78 @@ def _random_rank_within_class(labels: Tensor) -> Tensor:
     return ranks
 
 
+def distributed_sampler_of(loader: Any) -> DistributedSampler | None:
+    """The :class:`~torch.utils.data.DistributedSampler` that orders ``loader``'s samples (the sampler of its batch
+    sampler, else its own sampler), or None."""
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if sampler is None:
+        sampler = getattr(loader, "sampler", None)
+    return sampler if isinstance(sampler, DistributedSampler) else None
+
+
+class ShardPadding:
+    """Which samples of a rank's training epoch a distributed sampler repeated to give every rank as many.
+
+    torch's :class:`~torch.utils.data.DistributedSampler` (``drop_last=False``, as Lightning installs it) extends the
+    epoch's order of the ``N`` samples to ``total = ceil(N / W) * W`` positions by repeating its first
+    ``total - N`` samples, and rank ``r`` takes the positions ``r, r + W, r + 2W, ...``. The padded positions
+    ``N .. total - 1`` are therefore the last sample of the shards of ranks ``N mod W .. W - 1`` (none when ``W``
+    divides ``N``; never on rank 0): rank ``r``'s first :attr:`own_samples` ``= len(range(r, N, W))`` samples are
+    its own, the rest repeat samples another rank counts. (Lightning's ``DistributedSamplerWrapper`` around a custom
+    sampler pads the same way; with ``drop_last=True`` nothing is padded.)
+
+    Use: :meth:`of_loader` at the start of an epoch, then :meth:`next_mask` with every batch of the epoch, in order;
+    the batches are taken to cover the sampler's order consecutively (the plain
+    :class:`~torch.utils.data.BatchSampler`'s; its ``drop_last`` only drops the end). No tensor is made for a batch
+    without padding.
+
+    Args:
+        own_samples: the samples of the epoch that are this rank's own; None: every sample (no padding).
+    """
+
+    def __init__(self, own_samples: int | None = None) -> None:
+        self.own_samples = own_samples
+        #: Samples of the epoch handed out so far.
+        self.position = 0
+
+    @classmethod
+    def of_loader(cls, loader: Any) -> ShardPadding:
+        """The padding of ``loader``'s epoch on this rank (``trainer.train_dataloader``).
+
+        Nothing is padded unless the loader's sampler is a :class:`~torch.utils.data.DistributedSampler` that pads
+        this rank's shard. Where it does but the loader's batch sampler is not a plain
+        :class:`~torch.utils.data.BatchSampler` (whose batches follow the sampler's order), the padding cannot be
+        located: a warning says so, and every sample is counted.
+        """
+        sampler = distributed_sampler_of(loader)
+        if sampler is None:
+            return cls()
+        size = len(sampler.dataset)
+        own = len(range(sampler.rank, min(size, sampler.total_size), sampler.num_replicas))
+        if own == sampler.num_samples:
+            return cls()
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if type(batch_sampler) is not BatchSampler:
+            warnings.warn(
+                f"the distributed sampler pads rank {sampler.rank}'s shard with {sampler.num_samples - own} repeated "
+                f"sample(s) ({size} samples over {sampler.num_replicas} ranks), but the loader's batch sampler "
+                f"{type(batch_sampler).__name__} does not tell where they are: they are counted twice; a training "
+                "set size divisible by the number of ranks has no padding",
+                stacklevel=2,
+            )
+            return cls()
+        return cls(own)
+
+    def next_mask(self, num_samples: int, device: torch.device | str | None = None) -> Tensor | None:
+        """``(num_samples,)`` bool: which samples of the next batch are this rank's own (False: padding); None when
+        all are (every batch but the one holding a padded sample)."""
+        start = self.position
+        self.position += num_samples
+        if self.own_samples is None or self.position <= self.own_samples:
+            return None
+        return torch.arange(start, self.position, device=device) < self.own_samples
+
+
 class TeacherOutputCache(nn.Module):
     """The teacher's top-k probabilities of every training input, stored compactly and looked up by input content.
 
@@ -503,6 +600,11 @@ class TeacherOutputCache(nn.Module):
     (Sec. 5.3 of Tang et al.). The same decoded values are used while filling and afterwards, so a run does not
     depend on when the cache was built. Memory: ``N * (6k + 16)`` bytes; the buffers are not checkpointed (a resumed
     run rebuilds them in its first epoch).
+
+    One process: each caches the inputs it is dealt, so under DDP the distributed sampler deals a rank inputs it has
+    not cached after the first epoch, which :meth:`lookup` refuses. Nothing is counted: an input added twice (one
+    a distributed sampler repeats to pad a shard) is stored twice, harmlessly (:meth:`lookup` finds either copy,
+    and both hold the same values).
 
     Args:
         k: probabilities kept per input.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from kd_lightning.modules.components import FrozenTeacher, TeacherOutputCache
 from kd_lightning.targets import (
     TABLE_OF_KIND,
     TEACHER_FORWARD_KINDS,
+    TargetKind,
     check_target_kind,
     kd_target,
     rel_table,
@@ -20,11 +21,23 @@ from kd_lightning.targets import (
     teacher_distribution,
 )
 
-__all__ = ["TEACHER_OBJECT", "DistillModule"]
+__all__ = ["TEACHER_OBJECT", "DistillModule", "TeacherNetwork"]
 
 #: What ``hparams["teacher"]`` records when the teacher was passed as an ``nn.Module``: a checkpoint cannot rebuild
 #: it, so loading asks for it again.
 TEACHER_OBJECT = "<nn.Module passed from Python>"
+
+
+class TeacherNetwork(Protocol):
+    """The type of :class:`DistillModule`'s ``teacher``: an ``nn.Module`` whose ``forward`` gives the teacher's logits.
+
+    A protocol rather than ``nn.Module`` for the command line's sake: ``--help`` names the option in one line instead
+    of listing every ``torch.nn`` class. A teacher is passed from Python only (the command line and configs give
+    ``teacher_backbone`` + ``teacher_checkpoint``, which also load its weights); it must be an ``nn.Module``.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The teacher's logits of a batch: ``(B, K)`` from ``(B, ...)`` inputs."""
 
 
 class DistillModule(ClassifierModule):
@@ -50,12 +63,13 @@ class DistillModule(ClassifierModule):
     until :meth:`set_teacher` is called (the first generation of generational KD), and warns at fit start.
 
     Args:
-        target_kind: the teacher distribution :math:`\\rho`, one of :data:`~kd_lightning.targets.TARGET_KINDS`.
+        target_kind: the teacher distribution :math:`\\rho` (see :mod:`kd_lightning.targets`).
         alpha: :math:`\\alpha \\in [0, 1]`, weight of the distillation term.
         temperature: :math:`T > 0` of the student's (and the teacher's) softmax in the distillation term.
         t2_scaling: multiply the distillation term by :math:`T^2` (Hinton et al.; Tang et al. App. 7.2). Born-again
             and tolerant generations (Yang et al. Eq. 4) use none.
-        teacher: the teacher as a module (its logits from ``teacher(x)``); exclusive with ``teacher_checkpoint``.
+        teacher: the teacher as an ``nn.Module`` (its logits from ``teacher(x)``), from Python only; exclusive with
+            ``teacher_checkpoint``.
         teacher_backbone: registered backbone name of the teacher.
         teacher_checkpoint: path of the teacher's weights: a Lightning checkpoint of any kd_lightning module or a
             plain ``state_dict`` (see :meth:`FrozenTeacher.from_checkpoint`).
@@ -69,24 +83,25 @@ class DistillModule(ClassifierModule):
         rel_superclass_mass: ``rel``'s mass on the ground truth's super-class siblings, all together.
         cache_teacher_topk: cache the teacher's ``k`` largest probabilities of every training input during the first
             epoch and look them up afterwards instead of running the teacher (a
-            :class:`~kd_lightning.modules.components.TeacherOutputCache`; only for data without random augmentation;
-            ``k = num_classes`` keeps the whole distribution). None: no cache.
+            :class:`~kd_lightning.modules.components.TeacherOutputCache`; only for data without random augmentation,
+            on one device; ``k = num_classes`` keeps the whole distribution). None: no cache.
         **kwargs: the student's :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
 
     Raises:
         ValueError: an unknown ``target_kind``, a hyperparameter out of range, a teacher given twice or half given, or
             a teacher checkpoint of another backbone / number of classes.
+        TypeError: a ``teacher`` that is not an ``nn.Module``.
     """
 
     hparams_ignore: ClassVar[tuple[str, ...]] = (*ClassifierModule.hparams_ignore, "teacher")
 
     def __init__(
         self,
-        target_kind: str = "kd",
+        target_kind: TargetKind = "kd",
         alpha: float = 0.9,
         temperature: float = 4.0,
         t2_scaling: bool = True,
-        teacher: nn.Module | None = None,
+        teacher: TeacherNetwork | None = None,
         teacher_backbone: str | None = None,
         teacher_checkpoint: str | None = None,
         teacher_backbone_kwargs: dict[str, Any] | None = None,
@@ -117,6 +132,8 @@ class DistillModule(ClassifierModule):
                 "DistillModule.load_from_checkpoint(path, teacher=teacher_net) (or train with teacher_backbone + "
                 "teacher_checkpoint)"
             )
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module (its logits from teacher(x)), got {type(teacher).__name__}")
         if teacher is not None and (teacher_backbone is not None or teacher_checkpoint is not None):
             raise ValueError("give the teacher either as an nn.Module or as teacher_backbone + teacher_checkpoint")
         if (teacher_backbone is None) != (teacher_checkpoint is None):

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable, TopKClassTargetTable
+from kd_lightning.modules.components import ClassTargetTable, ShardPadding, TopKClassTargetTable
 from kd_lightning.optim import cyclic_cosine
 
 __all__ = ["DUPSModule", "StageSchedule", "StagedDistillModule"]
@@ -125,11 +125,11 @@ class StagedDistillModule(ClassifierModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if ce_weight < 0 or kd_weight < 0:
             raise ValueError(f"ce_weight and kd_weight must be >= 0, got {ce_weight} and {kd_weight}")
-        if cyclic_lr and (kwargs.get("lr_scheduler") is not None or kwargs.get("warmup_epochs", 0) > 0):
+        super().__init__(**kwargs)
+        if cyclic_lr and (self.lr_scheduler_factory is not None or self.hparams.warmup_epochs > 0):
             raise ValueError(
                 "cyclic_lr builds its own schedule (a cosine per stage): leave lr_scheduler and warmup_epochs unset"
             )
-        super().__init__(**kwargs)
         #: The stages of the current ``fit``, resolved from ``trainer.max_epochs`` in :meth:`setup`.
         self.stage_schedule: StageSchedule | None = None
 
@@ -187,8 +187,10 @@ class DUPSModule(StagedDistillModule):
     ``targets_stage`` records the stage its targets were made for, so a stage start is handled once even across a
     resume. Under DDP the per-class sums and counts are summed over ranks before dividing (identical targets on
     every rank; DDP does not broadcast the table's buffers); with ``num_peers``, see
-    :meth:`ClassTargetTable.peers_per_rank`. Logs ``dups/classes_covered`` (classes with at least one peer) at each
-    update.
+    :meth:`ClassTargetTable.peers_per_rank`. The online statistics leave out the samples the distributed sampler
+    repeats to even out the shards (:class:`~kd_lightning.modules.components.ShardPadding`), so every training sample
+    counts once, on one rank, and ``N`` processes get the one-process table. Logs ``dups/classes_covered`` (classes
+    with at least one peer) at each update.
 
     Args:
         num_peers: ``n``, peers per class (None: every sample of the class, Alg. 1 line 8; the paper's Fig. 2 sweeps
@@ -228,6 +230,8 @@ class DUPSModule(StagedDistillModule):
         self.register_buffer("targets_stage", torch.zeros((), dtype=torch.long))
         # the order of the recompute pass: seed_everything's seed (same on every rank), no draw from the RNG
         self.register_buffer("peer_seed", torch.tensor(torch.initial_seed() % 2**62))
+        #: The distributed sampler's padding in the current statistics epoch (none outside one).
+        self.shard_padding = ShardPadding()
 
     def collects_statistics(self) -> bool:
         """Whether the current epoch feeds the online statistics: the last epoch of a stage other than the last."""
@@ -241,7 +245,7 @@ class DUPSModule(StagedDistillModule):
         x, y = self.unpack_batch(batch)
         logits = self(x)
         if self.collects_statistics():
-            self.class_targets.update(logits, y, *self.rank_and_world_size())
+            self.class_targets.update(logits, y, *self.rank_and_world_size(), self._own_samples(len(x), y))
         if self.current_stage() == 0:
             return {"ce": self.hparams.ce_weight * self.cross_entropy(logits, y)}
         hp = self.hparams
@@ -250,8 +254,21 @@ class DUPSModule(StagedDistillModule):
         )
         return {"ce": ce, "kd": kd}
 
+    def _own_samples(self, num_samples: int, labels: Tensor) -> Tensor | None:
+        """``labels``-shaped bool mask of the batch's samples that are this rank's own (None: all of them), a
+        sample's mask repeated over its labels (a language model's window has one per token)."""
+        mask = self.shard_padding.next_mask(num_samples, labels.device)
+        return None if mask is None else mask.repeat_interleave(labels.numel() // num_samples)
+
     def on_train_epoch_start(self) -> None:
-        """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets."""
+        """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets.
+
+        In a statistics epoch, also locate the distributed sampler's padding
+        (:class:`~kd_lightning.modules.components.ShardPadding`), so that every training sample is counted once, by
+        one rank.
+        """
+        collects = self.collects_statistics()
+        self.shard_padding = ShardPadding.of_loader(self.trainer.train_dataloader) if collects else ShardPadding()
         stage = self.current_stage()
         if stage == 0 or int(self.targets_stage) >= stage:
             return

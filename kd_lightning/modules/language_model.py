@@ -56,12 +56,14 @@ class TokenPerplexity(Perplexity):
 class LanguageModelMixin:
     """Makes a :class:`~kd_lightning.ClassifierModule` method train a language model; mix in first.
 
-    Args (added to the method's own):
-        backbone: a registered language model (:func:`~kd_lightning.models.lstm_lm.list_language_models`).
-        num_classes: the vocabulary size ``V`` (checked against the datamodule's).
-        optimizer: default :class:`~kd_lightning.optim.LanguageModelSGD` (lr 20, no momentum).
-
     Evaluation logs ``<stage>/ppl`` (:class:`TokenPerplexity`) and ``<stage>/loss`` (the mean NLL per token).
+
+    Args:
+        backbone: name of a registered language model (``kd-lightning backbones`` lists them).
+        num_classes: the vocabulary size ``V``; must match the datamodule's (checked at set-up).
+        optimizer: the optimizer, called with the trainable parameters. Default:
+            :class:`~kd_lightning.optim.LanguageModelSGD` (lr 20, no momentum).
+        **kwargs: the method module's own arguments.
     """
 
     def __init__(
@@ -162,6 +164,14 @@ class LanguageModelDUPSModule(LanguageModelMixin, DUPSModule):
     (:class:`~kd_lightning.modules.components.TopKClassTargetTable`). Statistics are the online ones (the forward
     passes of training): ``statistics="recompute"`` needs a map-style dataset of samples, which windows are not.
     The paper's LM setting: 5 stages, :math:`\\lambda_{CE} = 0.8`, :math:`\\lambda_{KD} = 0.2`, ``T = 6``, cosine LR.
+
+    Args:
+        num_stages: ``m``, the number of stages (5 in the paper; None when ``epochs_per_stage`` is given).
+        statistics: ``"online"``, the only reading for language models (see above).
+        **kwargs: :class:`LanguageModelMixin`'s and :class:`~kd_lightning.DUPSModule`'s arguments.
+
+    Raises:
+        ValueError: ``statistics`` other than ``"online"``, and :class:`~kd_lightning.DUPSModule`'s errors.
     """
 
     def __init__(self, num_stages: int | None = 5, statistics: str = "online", **kwargs: Any) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +41,7 @@ from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.components import FrozenTeacher
 
 __all__ = [
+    "AGGREGATE_SPACES",
     "AGGREGATIONS",
     "CLILRModule",
     "DMLModule",
@@ -52,7 +53,11 @@ __all__ = [
 ]
 
 #: OKDDip's first-level aggregations: the method and the ablations of its Table 5.
-AGGREGATIONS = ("attention", "mean", "random", "symmetric", "self")
+Aggregation = Literal["attention", "mean", "random", "symmetric", "self"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+#: Where OKDDip's targets are aggregated: ``"logits"`` (the authors' code) or ``"probs"`` (Eq. 5 and 7).
+AggregateSpace = Literal["logits", "probs"]
+AGGREGATE_SPACES: tuple[str, ...] = get_args(AggregateSpace)
 #: Width of OKDDip's query/key projections: the feature width divided by this (the authors' ``factor``).
 PROJECTION_DIVISOR = 8
 
@@ -469,7 +474,7 @@ class OKDDipModule(DistillationGroupModule):
         temperature: ``T`` (3).
         rampup_epochs: ramp-up length ``L`` of :math:`w(t)` (80).
         detach_targets: see above (False).
-        aggregation: first-level aggregation, one of :data:`AGGREGATIONS`.
+        aggregation: first-level aggregation: the method (``"attention"``) or an ablation, see above.
         aggregate: ``"logits"`` or ``"probs"``, at both levels.
         leader: train a group leader (False: the "w/o two-level" ablation).
         inference_peer: without a leader, the peer used for inference; None: drawn at random (and recorded).
@@ -492,8 +497,8 @@ class OKDDipModule(DistillationGroupModule):
         temperature: float = 3.0,
         rampup_epochs: float = 80.0,
         detach_targets: bool = False,
-        aggregation: str = "attention",
-        aggregate: str = "logits",
+        aggregation: Aggregation = "attention",
+        aggregate: AggregateSpace = "logits",
         leader: bool = True,
         inference_peer: int | None = None,
         teacher_backbone: str | None = None,
@@ -504,7 +509,7 @@ class OKDDipModule(DistillationGroupModule):
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose among {list(AGGREGATIONS)}")
-        if aggregate not in ("probs", "logits"):
+        if aggregate not in AGGREGATE_SPACES:
             raise ValueError(f"aggregate must be 'probs' or 'logits', got {aggregate!r}")
         if aggregation == "self" and detach_targets:
             raise ValueError(

@@ -59,7 +59,7 @@ class SelfDistillModule(ClassifierModule):
         temperature: :math:`T > 0` of both KL terms (the paper: 2 on CIFAR-10, 3 on CIFAR-100 and ImageNet).
         kl_weight: :math:`\\lambda \\ge 0` (the paper: 1, as in Deep Mutual Learning).
         mmd_weight: :math:`\\mu \\ge 0` (the paper: 5e-4 by default, 1e-4 to 5e-4 recommended; Table 5 sweeps it).
-        terms: which terms of Eq. 5 are on, one of :data:`TERMS`.
+        terms: which terms of Eq. 5 are on (the ablations of Table 6, see above).
         detach_target: detach the target distribution of each KL term (the paper's gradients).
         t2_scaling: multiply the KL terms by :math:`T^2` (not in Eq. 5).
         batch_stats: ``"joint"`` (one forward over ``2B`` images) or ``"per_view"`` (one forward per view), see

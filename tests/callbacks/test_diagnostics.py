@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,3 +97,17 @@ def test_no_validation_data_warns(tmp_path):
     with pytest.warns(UserWarning, match="DistillDiagnostics: no validation data to draw the figures from"):
         trainer.fit(ClassifierModule(**tiny_mlp_kwargs()), datamodule=data)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_trainers_sharded_validation_loader_is_read_whole():
+    """Without a datamodule the figures come from trainer.val_dataloaders, which carry Lightning's distributed
+    sampler: rank 0 draws from every example, in order, as one process would."""
+    x, y = torch.randn(9, TINY_SYNTHETIC["input_dim"]), torch.arange(9) % 6
+    dataset = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False)
+    trainer = SimpleNamespace(datamodule=None, val_dataloaders=torch.utils.data.DataLoader(dataset, 4, sampler=sampler))
+    module = ClassifierModule(**tiny_mlp_kwargs())
+    teacher_logits, _, labels = DistillDiagnostics(max_samples=100)._collect(trainer, module)
+    assert torch.equal(labels, y)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_logits, module.eval()(x))

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kd_lightning import ClassifierModule, GenerationalKD, GenerationModule
+from kd_lightning.callbacks.generational import print_generation_table
 from kd_lightning.cli import main
 from kd_lightning.data import SyntheticDataModule
 from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs
@@ -93,11 +94,11 @@ def checkpoints(directory) -> list[Callback]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[GenerationModule, Recorder]:
+def uninterrupted(tmp_path_factory) -> tuple[GenerationModule, Recorder, GenerationalKD]:
     """The reference run of the resume tests, with the same callbacks."""
     directory = tmp_path_factory.mktemp("full")
-    module, _, recorder = _run(directory, extra=checkpoints(directory))
-    return module, recorder
+    module, trainer, recorder = _run(directory, extra=checkpoints(directory))
+    return module, recorder, trainer.callbacks[0]
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -110,7 +111,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     ids=["checkpoint-on-the-boundary", "checkpoint-inside-generation-2"],
 )
 def test_crash_and_resume_continues_in_the_right_generation(tmp_path, uninterrupted, crash_at):
-    reference, ref_rec = uninterrupted
+    reference, ref_rec, _ = uninterrupted
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(crashed, extra=[*checkpoints(crashed), CrashAt(crash_at)])
@@ -121,6 +122,25 @@ def test_crash_and_resume_continues_in_the_right_generation(tmp_path, uninterrup
         assert _same_weights(a, b)  # the right teachers and ensemble members
     assert _same_weights(reference, resumed)  # and the same final student, bit for bit
     assert rec.lrs == ref_rec.lrs[crash_at:]
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [EPOCHS, EPOCHS * 2, EPOCHS * 2 + 1],
+    ids=["checkpoint-at-the-end-of-gen-0", "checkpoint-at-the-end-of-gen-1", "checkpoint-inside-generation-2"],
+)
+def test_resumed_run_prints_the_summary_of_the_uninterrupted_one(tmp_path, uninterrupted, crash_at, capsys):
+    *_, reference = uninterrupted
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(crashed, extra=[*checkpoints(crashed), CrashAt(crash_at)])
+    capsys.readouterr()
+    _, trainer, _ = _run(crashed, ckpt_path=crashed / "last.ckpt", extra=checkpoints(crashed))
+    printed = capsys.readouterr().out
+    assert reference.history.keys() == {0, 1, 2}
+    assert trainer.callbacks[0].history == reference.history  # every generation's row, bit for bit
+    print_generation_table("validation, last epoch of each generation", reference.history)
+    assert printed.endswith(capsys.readouterr().out)
 
 
 def test_errors(tmp_path):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import io
+import pickle
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -238,6 +241,27 @@ def test_state_dict_reproduces_the_shuffling_order():
     fresh = ToyDataModule(batch_size=60, shuffle_seed=123)
     fresh.load_state_dict(state)
     assert sample_ids(next(iter(fresh.train_dataloader()))[0]) == second_epoch
+
+
+class GeneratorRefusingPickler(pickle.Pickler):
+    """A pickler that fails on a ``torch.Generator`` (pickled by torch as a state tensor made on the fly, which
+    ``ddp_spawn``'s shared-memory transfer frees before the child process starts)."""
+
+    def reducer_override(self, obj: object) -> object:
+        assert not isinstance(obj, torch.Generator), "a torch.Generator was pickled as such"
+        return NotImplemented
+
+
+def test_pickled_copy_continues_the_shuffling_order():
+    dm = ToyDataModule(batch_size=60, shuffle_seed=0)
+    torch.randperm(60, generator=dm.shuffle_generator)  # as one epoch would
+    buffer = io.BytesIO()
+    GeneratorRefusingPickler(buffer).dump(dm)
+    copied = pickle.loads(buffer.getvalue())
+    assert copied.shuffle_generator is not dm.shuffle_generator
+    assert sample_ids(next(iter(copied.train_dataloader()))[0]) == sample_ids(next(iter(dm.train_dataloader()))[0])
+    for name, state in dm.state_dict().items():
+        assert torch.equal(copied.state_dict()[name], state)
 
 
 def test_views_two_gives_two_views_and_one_label():

@@ -189,9 +189,9 @@ def test_unreadable_images_are_skipped_with_a_warning(imagenet):
 
 
 def test_everything_unreadable_is_an_error(tmp_path):
-    for k in range(3):
-        (tmp_path / "a" / f"{k}.jpg").parent.mkdir(exist_ok=True)
-        (tmp_path / "a" / f"{k}.jpg").write_bytes(b"\xff\xd8 junk")
+    for k, name in enumerate(["a", "a", "b"]):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{k}.jpg").write_bytes(b"\xff\xd8 junk")
     dm = make(tmp_path)
     dm.setup("fit")
     with (
@@ -224,6 +224,16 @@ def test_folder_errors(tmp_path):
     (tmp_path / "holes" / "train" / "c" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"1 class folder\(s\) of training folder .*train hold no image: .*train/c "):
         make(tmp_path / "holes").setup()
+
+
+@pytest.mark.parametrize("train_dir", ["", "train"])
+def test_single_class_is_an_error(tmp_path, train_dir):
+    write_class_folders(tmp_path / train_dir, ["cat"], 2)
+    match = r"folder .* has a single class folder, 'cat': classification needs at least 2 classes"
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path).setup()
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path).num_classes  # noqa: B018 (what the model's num_classes check reads)
 
 
 def test_val_folder_without_train_folder(tmp_path):

@@ -2,13 +2,11 @@
 
 The backbone's batch norms are removed and the learning rate is 0, so every sample's logits are the same in any
 batch and any epoch: the targets then depend only on which samples are counted, and a 2-process run must give the
-1-process targets. Run by tests/modules/test_dups_ddp.py as ``python tests/modules/dups_ddp_run.py OUT_DIR``
-(2 CPU processes, gloo; Lightning's ``ddp`` launcher re-runs this script for rank 1).
+1-process targets. tests/modules/test_dups_ddp.py builds its 1- and 2-process runs from these pieces.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -78,10 +76,3 @@ def trainer(out: Path, devices: int) -> pl.Trainer:
         enable_model_summary=False,
         callbacks=[SaveTable(out)],
     )
-
-
-if __name__ == "__main__":
-    out, num_peers = Path(sys.argv[1]), (int(sys.argv[2]) if len(sys.argv) > 2 else None)
-    torch.set_num_threads(1)
-    module, data = build(num_peers)
-    trainer(out, devices=2).fit(module, datamodule=data)

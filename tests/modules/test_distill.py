@@ -275,6 +275,18 @@ def test_teacher_cache_roundtrip_and_lookup():
         TeacherOutputCache(k=0)
 
 
+def test_teacher_cache_stores_a_repeated_input_harmlessly():
+    """A distributed sampler's padding hands an input over twice: both copies are stored, either is found."""
+    torch.manual_seed(0)
+    x, probs = torch.randn(9, IN), torch.randn(9, C).softmax(-1)
+    cache = TeacherOutputCache(k=C)
+    cache.add(x, *cache.encode(probs))
+    cache.add(x[:1], *cache.encode(probs[:1]))  # the padding: the epoch's first sample again
+    cache.finalize()
+    assert len(cache.keys) == 10
+    assert torch.allclose(cache.decode(*cache.lookup(x), C), probs, atol=1e-3)
+
+
 def test_teacher_cache_runs_the_teacher_in_the_first_epoch_only(tmp_path, teacher_ckpt, tiny_synthetic):
     module = _student(teacher_ckpt, cache_teacher_topk=C)
     calls = []

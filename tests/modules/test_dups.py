@@ -13,7 +13,7 @@ from torch import nn
 
 from kd_lightning import ClassTargetTable, DUPSModule, RNGStateCheckpoint, cyclic_cosine, load_module
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.modules.components import _random_rank_within_class
+from kd_lightning.modules.components import ShardPadding, _random_rank_within_class
 from kd_lightning.modules.dups import StageSchedule
 from kd_lightning.optim import NesterovSGD
 from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs
@@ -186,6 +186,121 @@ def test_finalize_sums_over_ranks_before_dividing():
         assert torch.allclose(ranks[0].targets[c], expected[c], atol=1e-6)
     mean_of_means = (logits[:4].softmax(-1).mean(0) + logits[10:26].softmax(-1).mean(0)) / 2
     assert not torch.allclose(mean_of_means, expected[0], atol=1e-3)  # dividing first would differ
+
+
+# ---------------------------------------------------------------------------- a distributed sampler's padding
+@pytest.mark.parametrize("num_peers", [None, 2])
+@pytest.mark.parametrize("average", ["probs", "logits"])
+def test_masked_samples_are_not_counted(num_peers, average):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(12, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    mask = torch.tensor([True] * 9 + [False] * 3)  # the padding: the last samples of a shard
+    masked, subset = (ClassTargetTable(3, temperature=1.0, num_peers=num_peers, average=average) for _ in range(2))
+    masked.update(logits, labels, mask=mask)
+    subset.update(logits[:9], labels[:9])
+    assert masked.counts.tolist() == subset.counts.tolist() == [min(3, num_peers or 3)] * 3
+    if num_peers is None:
+        assert torch.equal(masked.sums, subset.sums)
+
+
+def test_a_masked_sample_takes_no_place_in_its_class_quota():
+    """Whatever the random order within the batch, the quota of 2 goes to the two unmasked samples."""
+    values = torch.tensor([[1.0, 0.0], [2.0, 0.0], [4.0, 0.0], [8.0, 0.0]])  # the kept set is the bits of the sum
+    labels, mask = torch.zeros(4, dtype=torch.long), torch.tensor([False, True, False, True])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        table = ClassTargetTable(2, temperature=1.0, num_peers=2, average="logits")
+        table.update(values, labels, mask=mask)
+        assert table.counts.tolist() == [2.0, 0.0] and table.sums[0, 0] == 2.0 + 8.0
+
+
+@pytest.mark.parametrize("num_peers", [None, 2])
+def test_an_all_true_mask_changes_nothing_not_even_the_rng(num_peers):
+    logits, labels = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    tables = []
+    for mask in (None, torch.ones(10, dtype=torch.bool)):
+        torch.manual_seed(0)
+        table = ClassTargetTable(3, temperature=1.0, num_peers=num_peers)
+        table.update(logits, labels, mask=mask)
+        tables.append((table.sums, table.counts, torch.rand(1)))
+    assert all(torch.equal(a, b) for a, b in zip(*tables, strict=True))
+
+
+def _shards(size: int, world_size: int, batch_size: int, drop_last: bool = False) -> list[list[tuple[int, bool]]]:
+    """Every rank's ``(index, own)`` of an epoch of Lightning's distributed sampler, own from ShardPadding."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(size))
+    shards = []
+    for rank in range(world_size):
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last)
+        padding, shard = ShardPadding.of_loader(loader), []
+        for (indices,) in loader:
+            mask = padding.next_mask(len(indices))
+            own = [True] * len(indices) if mask is None else mask.tolist()
+            shard += list(zip(indices.tolist(), own, strict=True))
+        shards.append(shard)
+    return shards
+
+
+@pytest.mark.parametrize(("size", "world_size", "batch_size"), [(191, 2, 16), (23, 4, 5), (10, 5, 3), (3, 5, 2)])
+def test_shard_padding_counts_every_sample_once(size, world_size, batch_size):
+    shards = _shards(size, world_size, batch_size)
+    assert sorted(index for shard in shards for index, own in shard if own) == list(range(size))
+    for rank, shard in enumerate(shards):  # the padding is the end of the shard: ranks size mod W .. W - 1
+        assert [own for _, own in shard] == [i * world_size + rank < size for i in range(len(shard))]
+
+
+def test_shard_padding_with_the_loaders_drop_last():
+    shards = _shards(191, 2, 16, drop_last=True)  # 96 per rank: 6 full batches, the padding included
+    assert sorted(index for shard in shards for index, own in shard if own) == list(range(191))
+    shards = _shards(23, 4, 5, drop_last=True)  # 6 per rank: the last batch, padding and all, dropped
+    counted = [index for shard in shards for index, own in shard if own]
+    assert len(counted) == len(set(counted)) == 20
+
+
+def test_no_padding_to_mask():
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+    even = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1)
+    dropped = torch.utils.data.DistributedSampler(dataset, num_replicas=3, rank=2, drop_last=True)
+    for loader in [
+        torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True),  # one process
+        torch.utils.data.DataLoader(dataset, batch_size=4, sampler=even),  # 10 samples over 2 ranks
+        torch.utils.data.DataLoader(dataset, batch_size=4, sampler=dropped),  # the sampler drops the tail
+        None,  # not a DataLoader (an iterable, several loaders ...)
+    ]:
+        padding = ShardPadding.of_loader(loader)
+        assert padding.own_samples is None and padding.next_mask(10) is None
+
+
+class PairBatches(torch.utils.data.Sampler):
+    """A batch sampler of its own: pairs of the sampler's indices, last first."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        return iter([indices[i : i + 2] for i in range(0, len(indices), 2)][::-1])
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + 1) // 2
+
+
+def test_padding_behind_an_unknown_batch_sampler_warns_and_counts_all():
+    dataset = torch.utils.data.TensorDataset(torch.arange(9))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=PairBatches(sampler))
+    with pytest.warns(UserWarning, match=r"pads rank 1's shard with 1 repeated sample\(s\) \(9 samples over 2 ranks\)"):
+        padding = ShardPadding.of_loader(loader)
+    assert padding.own_samples is None
+
+
+def test_dups_maps_a_windows_mask_onto_its_tokens():
+    module = DUPSModule(**tiny_mlp_kwargs())
+    module.shard_padding = ShardPadding(own_samples=3)
+    labels = torch.zeros(2 * 4, dtype=torch.long)  # 2 samples (windows) of 4 labels (tokens) each
+    assert module._own_samples(2, labels) is None  # samples 0 and 1
+    assert module._own_samples(2, labels).tolist() == [True] * 4 + [False] * 4  # sample 2 and the padding
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,21 @@ def test_num_peers_quota_counts_as_the_dense_table():
     assert table.counts.tolist() == [3, 3, 3, 3]
 
 
+@pytest.mark.parametrize("num_peers", [None, 3])
+def test_masked_samples_are_not_counted(num_peers):
+    """A distributed sampler's padding (``mask`` False) adds nothing and takes no place in its class's quota."""
+    logits, labels = structured_logits(6, 40)
+    mask = torch.arange(40) < 33
+    masked, subset = (TopKClassTargetTable(6, temperature=2.0, k=2, num_peers=num_peers) for _ in range(2))
+    masked.update(logits, labels, mask=mask)
+    subset.update(logits[:33], labels[:33])
+    assert torch.equal(masked.counts, subset.counts)
+    if num_peers is None:
+        masked.finalize()
+        subset.finalize()
+        assert torch.equal(masked.values, subset.values) and torch.equal(masked.indices, subset.indices)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"k": 0}, "1 <= k < num_classes=5"), ({"k": 5}, "1 <= k < num_classes=5"), ({"k": 2, "temperature": 0}, "> 0")],

@@ -1,0 +1,65 @@
+"""``kd-lightning fit`` under ``ddp_spawn`` (2 CPU processes), as a user runs it.
+
+The launcher pickles the trainer, module and datamodule into the spawned processes, and the trained weights come back
+to the parent only through Lightning's temporary checkpoint: the test after fit, run from the parent, must report the
+accuracy of the final weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_lightning.cli import main
+from tests.helpers import TINY_SYNTHETIC
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+#: The quickstart recipe on the tiny synthetic data of the tests, without logger, progress bar or model summary.
+TINY = [
+    "--config",
+    QUICKSTART,
+    *(f"--data.init_args.{key}={value}" for key, value in TINY_SYNTHETIC.items()),
+    f"--model.init_args.num_classes={TINY_SYNTHETIC['num_classes']}",
+    f"--model.init_args.backbone_kwargs={{in_features: {TINY_SYNTHETIC['input_dim']}, hidden: 32}}",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.slow
+def test_ddp_spawn_fits_and_tests_the_final_weights(tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "kd-lightning"),
+        "fit",
+        *TINY,
+        "--trainer.strategy=ddp_spawn",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_epochs=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--test_after_fit=true",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = re.search(r"test/acc1\W+([0-9.]+)%", result.stdout)
+    assert reported is not None, result.stdout[-3000:]
+    # the final weights (rank 0's last checkpoint) tested in one process; the initial ones score otherwise
+    (last,) = tmp_path.rglob("last.ckpt")
+    final, initial = (accuracy_of(tmp_path, ckpt) for ckpt in (["--ckpt_path", str(last)], []))
+    assert reported.group(1) == final
+    assert final != initial
+
+
+def accuracy_of(root: Path, ckpt: list[str]) -> str:
+    """``kd-lightning test`` of :data:`TINY` on 1 process: test/acc1 in percent, as the summary prints it."""
+    cli = main(["test", *TINY, "--trainer.devices=1", f"--trainer.default_root_dir={root}", *ckpt])
+    assert cli is not None
+    return f"{100 * float(cli.trainer.callback_metrics['test/acc1']):.2f}"
