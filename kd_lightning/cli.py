@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher  # checked on 2.6.6
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -257,7 +258,7 @@ class KDLightningCLI(LightningCLI):
             return
         metrics = dict(self.trainer.callback_metrics)  # test() replaces them
         if config.test_after_fit:
-            ckpt_path = "best" if config.test_ckpt == "best" else None
+            ckpt_path = "best" if config.test_ckpt == "best" else final_weights(self.trainer, self._run_folder())
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
             metrics.update(self.trainer.callback_metrics)
         if self.trainer.is_global_zero:
@@ -269,6 +270,15 @@ class KDLightningCLI(LightningCLI):
             )
             if tested:
                 print_summary(values, tested)
+
+
+def final_weights(trainer: pl.Trainer, folder: RunFolder) -> str | None:
+    """What ``--test_ckpt final`` tests: the module as it is (``None``), except after a spawned fit
+    (``ddp_spawn``), where only the weights come back to this process and the state held outside them (the
+    finished generations of a ``GenerationModule``) stays in the workers: then the run's last checkpoint."""
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return str(folder.last_checkpoint)
+    return None
 
 
 def run_logger(root: Path) -> Logger:

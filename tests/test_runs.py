@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch import Trainer
 
 from kd_lightning.callbacks.progress import EpochProgressBar
 from kd_lightning.checkpoints import CheckpointError, read_checkpoint
-from kd_lightning.cli import console_main, main
+from kd_lightning.cli import console_main, final_weights, main
 from kd_lightning.errors import TRACEBACK_ENV, ConfigError
 from kd_lightning.run_folder import RunFolder, RunFolderError
 
@@ -236,3 +237,13 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_noise(tmp_path):
     assert "params: 72.2 K trainable" in output and "final accuracies" in output
     assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt").is_file()  # the README's path
     assert (tmp_path / "runs" / "quickstart" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "auto"])
+def test_test_ckpt_final_after_a_spawned_fit_is_the_last_checkpoint(tmp_path, strategy):
+    """Under ``ddp_spawn`` only the weights come back from the workers (not a GenerationModule's finished
+    generations): ``--test_ckpt final`` then tests the run's last checkpoint; otherwise the module as it is."""
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2 if strategy == "ddp_spawn" else 1, logger=False)
+    folder = RunFolder.of(tmp_path, None)
+    expected = str(tmp_path / "checkpoints" / "last.ckpt") if strategy == "ddp_spawn" else None
+    assert final_weights(trainer, folder) == expected
