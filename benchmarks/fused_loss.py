@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.modules.components import ClassTargetTable, TopKClassTargetTable
+from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 
 
 def build_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:

@@ -37,8 +37,8 @@ from torchvision.transforms import v2
 
 from kd_lightning.data.transforms import BatchAugment, cifar_stats, cifar_train_transform
 from kd_lightning.models.registry import create_backbone
+from kd_lightning.modules.class_targets import ClassTargetTable
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
@@ -46,6 +46,7 @@ from kd_lightning.modules.language_model import LanguageModelMixin, LanguageMode
 from kd_lightning.modules.okddip import OKDDipModule, StudentGroupModule
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
+from kd_lightning.modules.teacher import FrozenTeacher
 from kd_lightning.optim import NesterovSGD
 
 

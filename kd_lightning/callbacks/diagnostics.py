@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from kd_lightning.modules.components import distributed_sampler_of
+from kd_lightning.modules.distributed import distributed_sampler_of
 from kd_lightning.targets import gradient_rescaling, kd_target
 
 __all__ = ["DistillDiagnostics", "class_correlation", "spearman", "superclass_contrast", "superclass_order"]

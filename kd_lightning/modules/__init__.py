@@ -1,7 +1,7 @@
 """Method modules: one LightningModule per method, all built on :class:`ClassifierModule`."""
 
+from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable, FrozenTeacher, TopKClassTargetTable
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule, StagedDistillModule
 from kd_lightning.modules.generations import GenerationModule, eta_from_confidence
@@ -20,6 +20,7 @@ from kd_lightning.modules.okddip import (
 )
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
+from kd_lightning.modules.teacher import FrozenTeacher
 
 __all__ = [
     "CLILRModule",

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from kd_lightning.losses import kd_kl_div
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import FrozenTeacher, TeacherOutputCache
+from kd_lightning.modules.teacher import FrozenTeacher
+from kd_lightning.modules.teacher_cache import TeacherOutputCache
 from kd_lightning.targets import (
     TABLE_OF_KIND,
     TEACHER_FORWARD_KINDS,
@@ -55,7 +56,7 @@ class DistillModule(ClassifierModule):
     ``sim``, ``rel``) never run the teacher's forward; ``sim`` reads the teacher's classifier weights once (a
     ``K x K`` table), ``rel`` the datamodule's ``superclass_map`` at set-up.
 
-    The teacher is a :class:`~kd_lightning.modules.components.FrozenTeacher` (eval mode throughout, no gradients,
+    The teacher is a :class:`~kd_lightning.modules.teacher.FrozenTeacher` (eval mode throughout, no gradients,
     not optimised) given either as ``teacher_backbone`` + ``teacher_checkpoint`` (recorded in the hyperparameters, so
     :func:`~kd_lightning.load_module` and ``fit --ckpt_path`` rebuild it from them alone) or as an ``nn.Module`` from
     Python (then loading a checkpoint needs ``teacher=`` again). Its weights stay out of the student's checkpoints
@@ -83,7 +84,7 @@ class DistillModule(ClassifierModule):
         rel_superclass_mass: ``rel``'s mass on the ground truth's super-class siblings, all together.
         cache_teacher_topk: cache the teacher's ``k`` largest probabilities of every training input during the first
             epoch and look them up afterwards instead of running the teacher (a
-            :class:`~kd_lightning.modules.components.TeacherOutputCache`; only for data without random augmentation,
+            :class:`~kd_lightning.modules.teacher_cache.TeacherOutputCache`; only for data without random augmentation,
             on one device; ``k = num_classes`` keeps the whole distribution). None: no cache.
         **kwargs: the student's :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
 

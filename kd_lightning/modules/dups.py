@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import ClassTargetTable, ShardPadding, TopKClassTargetTable
+from kd_lightning.modules.distributed import ShardPadding
 from kd_lightning.optim import cyclic_cosine
 
 __all__ = ["DUPSModule", "StageSchedule", "StagedDistillModule"]
@@ -167,9 +168,9 @@ class DUPSModule(StagedDistillModule):
     .. math:: \\mathcal{L} = \\lambda_{CE}\\,\\mathrm{CE}(z, y)
         + \\lambda_{KD}\\, T^2\\, \\mathrm{KL}\\big(f_T(y) \\,\\|\\, \\mathrm{softmax}(z / T)\\big)
 
-    (Eq. 2 with Eq. 4; both terms from one chunked pass, :func:`~kd_lightning.losses.cross_entropy_and_kd`, with
+    (Eq. 2 with Eq. 4; both terms from one chunked pass, :func:`~kd_lightning.fused.cross_entropy_and_kd`, with
     the module's ``label_smoothing``; :math:`T^2` unless ``t2_scaling=False``), where
-    :math:`f_T(y)` is row ``y`` of the :class:`~kd_lightning.modules.components.ClassTargetTable`: the average
+    :math:`f_T(y)` is row ``y`` of the :class:`~kd_lightning.modules.class_targets.ClassTargetTable`: the average
     softened prediction of up to ``num_peers`` samples of class ``y``, taken in the last epoch of the previous
     stage (Eq. 5). Stage 0 trains with :math:`\\lambda_{CE}\\,\\mathrm{CE}` only. Stages: see
     :mod:`kd_lightning.modules.dups`. The paper's defaults: :math:`\\lambda_{CE} = 0.8`, :math:`\\lambda_{KD} = 0.2`,
@@ -188,7 +189,7 @@ class DUPSModule(StagedDistillModule):
     resume. Under DDP the per-class sums and counts are summed over ranks before dividing (identical targets on
     every rank; DDP does not broadcast the table's buffers); with ``num_peers``, see
     :meth:`ClassTargetTable.peers_per_rank`. The online statistics leave out the samples the distributed sampler
-    repeats to even out the shards (:class:`~kd_lightning.modules.components.ShardPadding`), so every training sample
+    repeats to even out the shards (:class:`~kd_lightning.modules.distributed.ShardPadding`), so every training sample
     counts once, on one rank, and ``N`` processes get the one-process table. Logs ``dups/classes_covered`` (classes
     with at least one peer) at each update.
 
@@ -198,7 +199,7 @@ class DUPSModule(StagedDistillModule):
         statistics: ``"online"`` or ``"recompute"`` (above).
         average: ``"probs"`` (mean of softmax(z/T), default) or ``"logits"`` (softmax of the mean logit / T).
         table_topk: keep only each class's ``k`` largest target entries, the rest of the mass uniform
-            (:class:`~kd_lightning.modules.components.TopKClassTargetTable`: memory ``O(C k)`` instead of
+            (:class:`~kd_lightning.modules.class_targets.TopKClassTargetTable`: memory ``O(C k)`` instead of
             ``O(C^2)``, for language models' word-by-word tables); None: the dense table.
         **kwargs: the arguments of :class:`StagedDistillModule` and :class:`ClassifierModule`.
 
@@ -264,7 +265,7 @@ class DUPSModule(StagedDistillModule):
         """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets.
 
         In a statistics epoch, also locate the distributed sampler's padding
-        (:class:`~kd_lightning.modules.components.ShardPadding`), so that every training sample is counted once, by
+        (:class:`~kd_lightning.modules.distributed.ShardPadding`), so that every training sample is counted once, by
         one rank.
         """
         collects = self.collects_statistics()

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from kd_lightning.losses import score_difference
 from kd_lightning.models.registry import create_backbone
-from kd_lightning.modules.components import FrozenTeacher
 from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.teacher import FrozenTeacher
 
 __all__ = ["GenerationModule", "eta_from_confidence"]
 

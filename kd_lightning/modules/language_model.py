@@ -161,7 +161,7 @@ class LanguageModelDUPSModule(LanguageModelMixin, DUPSModule):
     prediction of the positions whose next word was ``w`` in the last epoch of the previous stage. The ``V x V``
     table is dense (10k words: 400 MB, 800 MB with its running sums, both in checkpoints) or, with
     ``table_topk: k``, keeps each word's ``k`` largest entries with the rest of the mass uniform
-    (:class:`~kd_lightning.modules.components.TopKClassTargetTable`). Statistics are the online ones (the forward
+    (:class:`~kd_lightning.modules.class_targets.TopKClassTargetTable`). Statistics are the online ones (the forward
     passes of training): ``statistics="recompute"`` needs a map-style dataset of samples, which windows are not.
     The paper's LM setting: 5 stages, :math:`\\lambda_{CE} = 0.8`, :math:`\\lambda_{KD} = 0.2`, ``T = 6``, cosine LR.
 

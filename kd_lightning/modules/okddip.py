@@ -32,13 +32,13 @@ from kd_lightning.losses import (
     attention_weights,
     group_kd_kl_div,
     mutual_kl_div,
-    peer_diversity,
     soft_cross_entropy,
 )
+from kd_lightning.metrics import peer_diversity
 from kd_lightning.models.branches import GroupOutput, StudentGroup, default_shared_stages
 from kd_lightning.models.registry import Backbone
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.components import FrozenTeacher
+from kd_lightning.modules.teacher import FrozenTeacher
 
 __all__ = [
     "AGGREGATE_SPACES",
@@ -462,7 +462,7 @@ class OKDDipModule(DistillationGroupModule):
     random peer, ``inference_peer``, is used for inference). Projections exist only with ``"attention"``.
 
     OKDDip+KD (Table 6): with ``teacher_backbone`` + ``teacher_checkpoint``, every student also learns from a
-    pre-trained :class:`~kd_lightning.modules.components.FrozenTeacher`: ``teacher_weight``
+    pre-trained :class:`~kd_lightning.modules.teacher.FrozenTeacher`: ``teacher_weight``
     :math:`\\cdot \\sum_i T^2\\, \\mathrm{KL}(p^T_{teacher} \\,\\|\\, p_i^T)` (no ramp-up). The teacher is
     held outside the module tree (not in checkpoints, not wrapped by DDP), as in :class:`~kd_lightning.DistillModule`,
     and rebuilt from the hyperparameters on loading.

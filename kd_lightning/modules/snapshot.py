@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from kd_lightning.losses import kd_kl_div_logits
-from kd_lightning.modules.components import FrozenTeacher
 from kd_lightning.modules.dups import StagedDistillModule
+from kd_lightning.modules.teacher import FrozenTeacher
 
 __all__ = ["SnapshotDistillModule"]
 
@@ -24,7 +24,7 @@ class SnapshotDistillModule(StagedDistillModule):
     Training is split into stages (mini-generations) exactly as in :class:`~kd_lightning.modules.dups.DUPSModule`
     (see :mod:`kd_lightning.modules.dups`), each with its own cosine LR cycle (``cyclic_lr=True`` by default). At
     the first epoch of stage ``s >= 1`` the student's weights are copied into a
-    :class:`~kd_lightning.modules.components.FrozenTeacher`; during stage ``s`` a sample gets the per-sample KD term
+    :class:`~kd_lightning.modules.teacher.FrozenTeacher`; during stage ``s`` a sample gets the per-sample KD term
 
     .. math:: \\mathcal{L} = \\lambda_{CE}\\,\\mathrm{CE}(z, y)
         + \\lambda_{KD}\\, T^2\\, \\mathrm{KL}\\big(\\mathrm{softmax}(t / T) \\,\\|\\, \\mathrm{softmax}(z / T)\\big),

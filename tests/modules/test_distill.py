@@ -11,7 +11,7 @@ from kd_lightning import ClassifierModule, DistillModule, FrozenTeacher, RNGStat
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.losses import kd_kl_div
 from kd_lightning.models.registry import create_backbone
-from kd_lightning.modules.components import TeacherOutputCache
+from kd_lightning.modules.teacher_cache import TeacherOutputCache
 from kd_lightning.targets import TARGET_KINDS, TEACHER_FORWARD_KINDS, pt_target, rel_table, sim_table, topk_target
 from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer
 

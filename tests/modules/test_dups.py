@@ -13,7 +13,8 @@ from torch import nn
 
 from kd_lightning import ClassTargetTable, DUPSModule, RNGStateCheckpoint, cyclic_cosine, load_module
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.modules.components import ShardPadding, _random_rank_within_class
+from kd_lightning.modules.class_targets import _random_rank_within_class
+from kd_lightning.modules.distributed import ShardPadding
 from kd_lightning.modules.dups import StageSchedule
 from kd_lightning.optim import NesterovSGD
 from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs

@@ -1,7 +1,7 @@
 """DUPS under DDP: 2 CPU processes (gloo) hold identical targets, equal to the 1-process ones when n is all.
 
 The training set has an odd number of samples, so the distributed sampler pads rank 1's shard with a repeat of a
-sample rank 0 has: the statistics must count it once (:class:`~kd_lightning.modules.components.ShardPadding`).
+sample rank 0 has: the statistics must count it once (:class:`~kd_lightning.modules.distributed.ShardPadding`).
 This file is also the 2-process script (``python tests/modules/test_dups_ddp.py OUT_DIR``; Lightning's ``ddp``
 launcher re-runs it for rank 1), which fits once per entry of :data:`PEERS` in the same processes; the module and the
 trainer are those of ``dups_ddp_run.py``.

@@ -17,7 +17,7 @@ from kd_lightning import (
     LanguageModelModule,
     PTBDataModule,
 )
-from kd_lightning.modules.components import ClassTargetTable, TopKClassTargetTable
+from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 from tests.data.ptb_fakes import WORDS, write_ptb
 from tests.helpers import fast_trainer
 

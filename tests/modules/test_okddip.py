@@ -19,7 +19,7 @@ from kd_lightning import (
     load_module,
 )
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.losses import peer_diversity
+from kd_lightning.metrics import peer_diversity
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.modules.okddip import sigmoid_rampup
 from tests.helpers import TINY_SYNTHETIC, fast_trainer

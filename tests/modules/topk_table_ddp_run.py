@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kd_lightning.modules.components import TopKClassTargetTable
+from kd_lightning.modules.class_targets import TopKClassTargetTable
 from tests.modules.test_topk_table import fill, structured_logits
 
 

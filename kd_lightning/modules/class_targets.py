@@ -1,132 +1,17 @@
-"""Method state shared by several modules, as ``nn.Module`` components (not base classes).
-
-Each component owns its buffers, its update rule and its cross-rank reduction, so the image modules and the
-language-model module use the same code without inheriting from each other.
-"""
+"""The DUPS class-target tables: per-class teacher distributions from peer samples, dense or top-k."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DistributedSampler
 
-from kd_lightning.checkpoints import read_checkpoint
-from kd_lightning.losses import (
-    SparseTargets,
-    cross_entropy_and_kd,
-    expand_sparse_targets,
-    kd_kl_div,
-    sparse_kd_kl_div,
-    sparse_neg_entropy,
-)
-from kd_lightning.models.registry import create_backbone
+from kd_lightning.fused import SparseTargets, cross_entropy_and_kd, expand_sparse_targets, sparse_neg_entropy
 
-__all__: list[str] = [
-    "ClassTargetTable",
-    "FrozenTeacher",
-    "ShardPadding",
-    "TeacherOutputCache",
-    "TopKClassTargetTable",
-    "distributed_sampler_of",
-]
-
-
-class FrozenTeacher(nn.Module):
-    """A frozen teacher network: always in eval mode, run without gradients, left out of every optimizer.
-
-    * ``train()`` is overridden to keep eval mode, so neither Lightning (which before 2.2 put every submodule
-      back into train mode after validation) nor a user's ``module.train()`` can update its BatchNorm statistics
-      or turn on its dropout.
-    * Its parameters have ``requires_grad=False`` (optimizers built from trainable parameters skip them) and its
-      forward runs under ``torch.no_grad()``.
-
-    Build it from an ``nn.Module`` (``FrozenTeacher(net)``) or from a backbone name and a checkpoint
-    (:meth:`from_checkpoint`). A host module best holds it outside its own module tree, as
-    :class:`~kd_lightning.DistillModule` does (see its ``teacher`` property and ``_apply``): then the teacher's weights
-    stay out of the host's ``state_dict`` and checkpoints, DDP does not broadcast its buffers, and Lightning does not
-    warn about a submodule in eval mode.
-
-    Args:
-        network: the teacher; ``network(x)`` returns ``(B, K)`` logits.
-    """
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network.requires_grad_(False)
-        self.train(False)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        backbone: str,
-        num_classes: int,
-        checkpoint: str | Path,
-        backbone_kwargs: dict[str, Any] | None = None,
-        factory: Callable[[str, int, dict[str, Any]], nn.Module] | None = None,
-    ) -> FrozenTeacher:
-        """A registered backbone with the weights of a checkpoint.
-
-        ``checkpoint`` is a Lightning checkpoint of any kd_lightning module (its ``backbone.*`` weights are taken,
-        so a distilled student can teach in turn) or a plain ``state_dict`` of the backbone (or of a module holding
-        it as ``backbone``). ``backbone_kwargs=None`` takes the checkpoint's own ``backbone_kwargs`` hyperparameter
-        when it has one. ``factory(backbone, num_classes, backbone_kwargs)`` builds the network (default: the backbone
-        registry; a language model's teacher passes its module's ``build_backbone``).
-
-        Raises:
-            FileNotFoundError: no file at ``checkpoint``.
-            CheckpointError: the file is not a checkpoint (see :func:`~kd_lightning.checkpoints.read_checkpoint`).
-            ValueError: the checkpoint holds another backbone or another number of classes (the message names
-                both), or its weights do not fit.
-        """
-        path = Path(checkpoint)
-        raw = read_checkpoint(path, what="teacher checkpoint")
-        lightning_format = isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict)
-        state = raw["state_dict"] if lightning_format else raw
-        hparams = raw.get("hyper_parameters", {}) if lightning_format else {}
-        saved = (hparams.get("backbone", backbone), hparams.get("num_classes", num_classes))
-        if saved != (backbone, num_classes):
-            raise ValueError(
-                f"teacher checkpoint {path} holds backbone {saved[0]!r} with num_classes={saved[1]}, but the teacher "
-                f"is configured as backbone {backbone!r} with num_classes={num_classes}"
-            )
-        if backbone_kwargs is None:
-            backbone_kwargs = hparams.get("backbone_kwargs") or {}
-        network = (factory or _registered_backbone)(backbone, num_classes, backbone_kwargs)
-        if any(key.startswith("backbone.") for key in state):
-            state = {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(
-                f"teacher checkpoint {path} does not fit backbone {backbone!r} with num_classes={num_classes} "
-                f"(backbone_kwargs={backbone_kwargs}): {error}"
-            ) from error
-        return cls(network)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        """Stays in eval mode whatever ``mode`` is (the guard against being switched to training)."""
-        return super().train(False)
-
-    def forward(self, x: Tensor, *args: Any) -> Any:
-        """Teacher logits (and whatever else the network returns, e.g. a language model's state), without gradients."""
-        with torch.no_grad():
-            return self.network(x, *args)
-
-    @property
-    def classifier_weight(self) -> Tensor:
-        """``(K, D)`` weight of the teacher's last layer (the backbone contract's ``classifier``)."""
-        holder = self.network if hasattr(self.network, "classifier") else self.network.backbone
-        return holder.classifier.weight
-
-
-def _registered_backbone(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    return create_backbone(name, num_classes, **kwargs)
+__all__ = ["ClassTargetTable", "TopKClassTargetTable"]
 
 
 class _ClassTable(nn.Module):
@@ -168,7 +53,7 @@ class _ClassTable(nn.Module):
         kd_weight: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """``(ce_weight * CE, kd_weight * KD)`` of the ``(B, C)`` logits in one pass, the KD term against the
-        labels' rows (:func:`~kd_lightning.losses.cross_entropy_and_kd`, with :meth:`batch_targets`)."""
+        labels' rows (:func:`~kd_lightning.fused.cross_entropy_and_kd`, with :meth:`batch_targets`)."""
         targets, neg_entropy, mass = self.batch_targets(labels)
         return cross_entropy_and_kd(
             logits, labels, targets, neg_entropy, mass, temperature, t2_scaling, label_smoothing, ce_weight, kd_weight
@@ -184,9 +69,10 @@ class _ClassTable(nn.Module):
         """``(B,)`` float 1/0: whether each sample counts for its class: it is in ``mask`` (None: every sample) and
         its class is still under the ``num_peers`` quota.
 
-        A sample outside ``mask`` (a distributed sampler's padding, see :class:`ShardPadding`) takes no place in its
-        class's quota: the random ranks within a class are drawn among the samples in ``mask`` (by the same draw from
-        the global RNG as without a mask).
+        A sample outside ``mask`` (a distributed sampler's padding, see
+        :class:`~kd_lightning.modules.distributed.ShardPadding`) takes no place in its class's quota: the random ranks
+        within a class are drawn among the samples in ``mask`` (by the same draw from the global RNG as without a
+        mask).
         """
         quota = self.peers_per_rank(rank, world_size)
         if quota is None:
@@ -258,12 +144,8 @@ class ClassTargetTable(_ClassTable):
         """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
         return self.targets[labels]
 
-    def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
-        """The KD term of the ``(B, C)`` logits against their labels' rows (:func:`~kd_lightning.losses.kd_kl_div`)."""
-        return kd_kl_div(logits, self(labels), temperature, t2_scaling, self.row_statistics()[0][labels])
-
     def batch_targets(self, labels: Tensor) -> tuple[Callable[[slice], Tensor], Tensor, Tensor]:
-        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.losses.cross_entropy_and_kd`: their rows,
+        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.fused.cross_entropy_and_kd`: their rows,
         gathered a chunk of the batch at a time, and their entropy terms and masses."""
         neg_entropy, mass = (stat[labels] for stat in self.row_statistics())
         return lambda rows: self.targets.index_select(0, labels[rows]), neg_entropy, mass
@@ -286,7 +168,7 @@ class ClassTargetTable(_ClassTable):
         With ``num_peers``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
         within the batch, the samples of a class are taken in a random order (this draws from the global RNG).
         ``mask``: ``(B,)`` bool, the samples to count (False: a distributed sampler's padding, which another rank
-        counts already: :meth:`ShardPadding.next_mask`); None: every sample.
+        counts already: :meth:`~kd_lightning.modules.distributed.ShardPadding.next_mask`); None: every sample.
         """
         weight = self.peer_weights(labels, rank, world_size, mask)
         values = logits.detach().float()
@@ -340,9 +222,8 @@ class TopKClassTargetTable(_ClassTable):
 
     Row ``c`` is :math:`f_T(c)` of Eq. 4-5 (the mean of :math:`\mathrm{softmax}(z/T)` over the peers of ``c``)
     reduced to its ``k`` largest entries, the remaining mass spread uniformly over the other ``C - k`` classes (as
-    KD-topk's target); :meth:`kd_loss` is :func:`~kd_lightning.losses.sparse_kd_kl_div` (only the batch's rows are
-    expanded, the entropy term comes from the stored entries); :meth:`ce_and_kd_loss` (DUPS's stages >= 1) expands
-    none. Memory: ``C * k * 12`` bytes for the table and
+    KD-topk's target); :meth:`ce_and_kd_loss` (DUPS's stages >= 1) expands
+    no row: the entropy term comes from the stored entries. Memory: ``C * k * 12`` bytes for the table and
     ``C * m * 12`` for the statistics, against ``8 * C^2`` for the dense table and its sums (10k words, k = 100:
     12 + 24 MB instead of 800 MB).
 
@@ -383,14 +264,8 @@ class TopKClassTargetTable(_ClassTable):
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.merge_pending())
 
-    def kd_loss(self, logits: Tensor, labels: Tensor, temperature: float, t2_scaling: bool = True) -> Tensor:
-        """The KD term of the ``(B, C)`` logits against the rows of their labels, from the stored entries only."""
-        return sparse_kd_kl_div(
-            logits, self.values[labels], self.indices[labels], self.rest[labels], temperature, t2_scaling
-        )
-
     def batch_targets(self, labels: Tensor) -> tuple[SparseTargets, Tensor, Tensor]:
-        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.losses.cross_entropy_and_kd`: their stored
+        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.fused.cross_entropy_and_kd`: their stored
         entries (no row is expanded), entropy terms and masses."""
         values, rest = self.values[labels], self.rest[labels]
         mass = values.sum(-1) + (self.num_classes - self.k) * rest
@@ -513,166 +388,3 @@ def _random_rank_within_class(labels: Tensor) -> Tensor:
     ranks = torch.empty_like(position)
     ranks[perm[order]] = position - torch.searchsorted(sorted_labels, sorted_labels)
     return ranks
-
-
-def distributed_sampler_of(loader: Any) -> DistributedSampler | None:
-    """The :class:`~torch.utils.data.DistributedSampler` that orders ``loader``'s samples (the sampler of its batch
-    sampler, else its own sampler), or None."""
-    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    if sampler is None:
-        sampler = getattr(loader, "sampler", None)
-    return sampler if isinstance(sampler, DistributedSampler) else None
-
-
-class ShardPadding:
-    """Which samples of a rank's training epoch a distributed sampler repeated to give every rank as many.
-
-    torch's :class:`~torch.utils.data.DistributedSampler` (``drop_last=False``, as Lightning installs it) extends the
-    epoch's order of the ``N`` samples to ``total = ceil(N / W) * W`` positions by repeating its first
-    ``total - N`` samples, and rank ``r`` takes the positions ``r, r + W, r + 2W, ...``. The padded positions
-    ``N .. total - 1`` are therefore the last sample of the shards of ranks ``N mod W .. W - 1`` (none when ``W``
-    divides ``N``; never on rank 0): rank ``r``'s first :attr:`own_samples` ``= len(range(r, N, W))`` samples are
-    its own, the rest repeat samples another rank counts. (Lightning's ``DistributedSamplerWrapper`` around a custom
-    sampler pads the same way; with ``drop_last=True`` nothing is padded.)
-
-    Use: :meth:`of_loader` at the start of an epoch, then :meth:`next_mask` with every batch of the epoch, in order;
-    the batches are taken to cover the sampler's order consecutively (the plain
-    :class:`~torch.utils.data.BatchSampler`'s; its ``drop_last`` only drops the end). No tensor is made for a batch
-    without padding.
-
-    Args:
-        own_samples: the samples of the epoch that are this rank's own; None: every sample (no padding).
-    """
-
-    def __init__(self, own_samples: int | None = None) -> None:
-        self.own_samples = own_samples
-        #: Samples of the epoch handed out so far.
-        self.position = 0
-
-    @classmethod
-    def of_loader(cls, loader: Any) -> ShardPadding:
-        """The padding of ``loader``'s epoch on this rank (``trainer.train_dataloader``).
-
-        Nothing is padded unless the loader's sampler is a :class:`~torch.utils.data.DistributedSampler` that pads
-        this rank's shard. Where it does but the loader's batch sampler is not a plain
-        :class:`~torch.utils.data.BatchSampler` (whose batches follow the sampler's order), the padding cannot be
-        located: a warning says so, and every sample is counted.
-        """
-        sampler = distributed_sampler_of(loader)
-        if sampler is None:
-            return cls()
-        size = len(sampler.dataset)
-        own = len(range(sampler.rank, min(size, sampler.total_size), sampler.num_replicas))
-        if own == sampler.num_samples:
-            return cls()
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if type(batch_sampler) is not BatchSampler:
-            warnings.warn(
-                f"the distributed sampler pads rank {sampler.rank}'s shard with {sampler.num_samples - own} repeated "
-                f"sample(s) ({size} samples over {sampler.num_replicas} ranks), but the loader's batch sampler "
-                f"{type(batch_sampler).__name__} does not tell where they are: they are counted twice; a training "
-                "set size divisible by the number of ranks has no padding",
-                stacklevel=2,
-            )
-            return cls()
-        return cls(own)
-
-    def next_mask(self, num_samples: int, device: torch.device | str | None = None) -> Tensor | None:
-        """``(num_samples,)`` bool: which samples of the next batch are this rank's own (False: padding); None when
-        all are (every batch but the one holding a padded sample)."""
-        start = self.position
-        self.position += num_samples
-        if self.own_samples is None or self.position <= self.own_samples:
-            return None
-        return torch.arange(start, self.position, device=device) < self.own_samples
-
-
-class TeacherOutputCache(nn.Module):
-    """The teacher's top-k probabilities of every training input, stored compactly and looked up by input content.
-
-    For inputs without random augmentation (the synthetic data, language models' fixed windows) the teacher's output
-    never changes, so one pass is enough. During the first epoch :meth:`encode` compresses the teacher's
-    distributions (the ``k`` largest probabilities at the distillation temperature as float16, their classes as int32)
-    and :meth:`add` stores them under a content key of the input (two random projections of the flattened input, in
-    float64); :meth:`finalize` sorts the keys, after which :meth:`lookup` finds a batch's rows with ``searchsorted``
-    (vectorised, no teacher forward). :meth:`decode` rebuilds ``(B, K)`` distributions, the remaining mass spread
-    uniformly over the other ``K - k`` classes: exact up to float16 when ``k = K``, otherwise KD-topk's target
-    (Sec. 5.3 of Tang et al.). The same decoded values are used while filling and afterwards, so a run does not
-    depend on when the cache was built. Memory: ``N * (6k + 16)`` bytes; the buffers are not checkpointed (a resumed
-    run rebuilds them in its first epoch).
-
-    One process: each caches the inputs it is dealt, so under DDP the distributed sampler deals a rank inputs it has
-    not cached after the first epoch, which :meth:`lookup` refuses. Nothing is counted: an input added twice (one
-    a distributed sampler repeats to pad a shard) is stored twice, harmlessly (:meth:`lookup` finds either copy,
-    and both hold the same values).
-
-    Args:
-        k: probabilities kept per input.
-        seed: seed of the projections.
-    """
-
-    def __init__(self, k: int, seed: int = 0) -> None:
-        super().__init__()
-        if k < 1:
-            raise ValueError(f"the teacher cache keeps k >= 1 probabilities per input, got k={k}")
-        self.k = k
-        self.seed = seed
-        self.register_buffer("keys", torch.empty(0, 2, dtype=torch.float64), persistent=False)
-        self.register_buffer("values", torch.empty(0, k, dtype=torch.float16), persistent=False)
-        self.register_buffer("indices", torch.empty(0, k, dtype=torch.int32), persistent=False)
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.ready = False
-
-    def key(self, x: Tensor) -> Tensor:
-        """``(B, 2)`` float64 content keys of the inputs ``(B, ...)``."""
-        flat = x.flatten(1).double()
-        generator = torch.Generator().manual_seed(self.seed)
-        projection = torch.randn(flat.shape[1], 2, generator=generator, dtype=torch.float64).to(flat.device)
-        return flat @ projection
-
-    def encode(self, probs: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, K)`` distributions -> their ``k`` largest values (float16) and classes (int32)."""
-        values, indices = probs.float().topk(min(self.k, probs.shape[1]), dim=-1)
-        return values.half(), indices.int()
-
-    @staticmethod
-    def decode(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
-        """``(B, k)`` values and classes -> ``(B, K)`` float32 distributions, the rest of the mass uniform."""
-        values = values.float()
-        k = values.shape[1]
-        rest = (1.0 - values.sum(-1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
-        full = rest.expand(-1, num_classes).scatter(1, indices.long(), values)
-        return full / full.sum(-1, keepdim=True)
-
-    def add(self, x: Tensor, values: Tensor, indices: Tensor) -> None:
-        """Stores encoded outputs of the inputs ``x`` (while filling, before :meth:`finalize`)."""
-        self._pending.append((self.key(x), values, indices))
-
-    def finalize(self) -> None:
-        """Sorts what :meth:`add` stored; :meth:`lookup` works from now on."""
-        if not self._pending:
-            return
-        keys, values, indices = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
-        order = keys[:, 0].argsort()
-        self.keys, self.values, self.indices = keys[order], values[order], indices[order]
-        self._pending.clear()
-        self.ready = True
-
-    def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoded outputs ``(values, indices)`` of the inputs ``x``.
-
-        Raises:
-            KeyError: an input was not seen while filling (its content changed: random augmentation?).
-        """
-        query = self.key(x)
-        pos = torch.searchsorted(self.keys[:, 0].contiguous(), query[:, 0].contiguous())
-        candidates = torch.stack([(pos - 1).clamp(min=0), pos.clamp(max=len(self.keys) - 1)], dim=1)
-        distance = (self.keys[candidates] - query[:, None, :]).abs().sum(-1)
-        best = candidates.gather(1, distance.argmin(1, keepdim=True)).squeeze(1)
-        scale = query.abs().sum(-1).clamp_min(1.0)
-        if not bool(((self.keys[best] - query).abs().sum(-1) <= 1e-9 * scale).all()):
-            raise KeyError(
-                "an input is not in the teacher cache: the training inputs must be the same every epoch (no random "
-                "augmentation) to cache the teacher's outputs"
-            )
-        return self.values[best], self.indices[best]
