@@ -43,9 +43,10 @@ from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
 from kd_lightning.modules.language_model import LanguageModelMixin, LanguageModelModule
-from kd_lightning.modules.okddip import OKDDipModule, StudentGroupModule
+from kd_lightning.modules.okddip import OKDDipModule
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
+from kd_lightning.modules.student_group import StudentGroupModule
 from kd_lightning.modules.teacher import FrozenTeacher
 from kd_lightning.optim import NesterovSGD
 
@@ -83,13 +84,10 @@ class _CEWithTeacherForward(ClassifierModule):
 
     def __init__(self, teacher: FrozenTeacher, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._teacher = (teacher,)  # out of the module tree, as in DistillModule
-
-    def frozen_networks(self) -> tuple[torch.nn.Module, ...]:
-        return self._teacher
+        self.frozen.set("teacher", [teacher])  # out of the module tree, as in DistillModule
 
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
-        self._teacher[0](batch[0])
+        self.frozen.first("teacher")(batch[0])
         return super().training_losses(batch)
 
 

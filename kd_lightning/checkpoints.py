@@ -1,17 +1,43 @@
-"""The one reader of kd-lightning checkpoints: clear errors on bad files, any checkpoint back as its own class."""
+"""The one reader and writer of kd-lightning checkpoints: clear errors on bad files, any checkpoint back as its own
+class, the frozen networks a module saves, and the upgrade of checkpoints written by earlier versions.
+
+A kd-lightning checkpoint is a Lightning checkpoint with one more entry, ``checkpoint["kd_lightning"]``:
+``class_path`` (the module's class, for :func:`load_module`) and ``frozen`` (``{name: [state_dict, ...]}``: the
+networks a module holds outside its module tree and saves, e.g. a ``DistillModule``'s teacher with
+``save_teacher=True``, a ``GenerationModule``'s finished generations). The ``kd-lightning`` CLI adds the run's model
+options under :data:`CONFIG_KEY`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 import torch
 
 if TYPE_CHECKING:
     from kd_lightning.modules.classifier import ClassifierModule
 
-__all__ = ["CONFIG_KEY", "CheckpointError", "load_module", "read_checkpoint", "saved_model_config"]
+__all__ = [
+    "CONFIG_KEY",
+    "CheckpointError",
+    "backbone_weights",
+    "frozen_states",
+    "load_module",
+    "read_checkpoint",
+    "record_module",
+    "recorded",
+    "saved_model_config",
+    "store_frozen",
+    "upgrade",
+    "write_module_checkpoint",
+]
+
+#: The entry kd-lightning adds to Lightning's checkpoints.
+ENTRY = "kd_lightning"
 
 #: The checkpoint entry where the ``kd-lightning`` CLI saves the run's model options (``{"model": {...}}``).
 CONFIG_KEY = "kd_lightning_config"
@@ -69,6 +95,100 @@ def saved_model_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {"class_path": class_path, "init_args": init_args} if class_path else {"init_args": init_args}
 
 
+def record_module(checkpoint: dict[str, Any], module: Any, **info: Any) -> None:
+    """Write the kd-lightning entry of ``module``'s checkpoint: its class path (what :func:`load_module` reads) and
+    ``info`` (e.g. ``teacher_source="object"``: read back by :func:`recorded`)."""
+    cls = type(module)
+    checkpoint.setdefault(ENTRY, {}).update(class_path=f"{cls.__module__}.{cls.__qualname__}", **info)
+
+
+def recorded(checkpoint: dict[str, Any], key: str, default: Any = None) -> Any:
+    """What :func:`record_module` wrote under ``key``, else ``default``."""
+    return checkpoint.get(ENTRY, {}).get(key, default)
+
+
+def store_frozen(checkpoint: dict[str, Any], name: str, states: list[dict[str, Any]]) -> None:
+    """Save the ``state_dict`` of each frozen network of the group ``name`` (e.g. ``"teacher"``)."""
+    checkpoint.setdefault(ENTRY, {}).setdefault("frozen", {})[name] = states
+
+
+def frozen_states(checkpoint: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The saved ``state_dict`` of each frozen network of the group ``name``; empty when none was saved."""
+    return list(checkpoint.get(ENTRY, {}).get("frozen", {}).get(name, []))
+
+
+#: Classes that moved to another module: the class path an earlier checkpoint records -> today's.
+MOVED_CLASSES = {
+    f"kd_lightning.modules.okddip.{name}": f"kd_lightning.modules.{home}.{name}"
+    for name, home in [
+        ("StudentGroupModule", "student_group"),
+        ("DMLModule", "group_baselines"),
+        ("CLILRModule", "group_baselines"),
+        ("ONEModule", "group_baselines"),
+    ]
+}
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Bring a checkpoint of an earlier kd-lightning version to the current layout, in place; returns it.
+
+    Earlier versions saved a teacher (``save_teacher``, Snapshot Distillation) as ``teacher.network.*`` keys of the
+    ``state_dict`` and a ``GenerationModule``'s finished generations as ``kd_lightning.finished_generations``; both
+    are now frozen groups (:func:`frozen_states`); a teacher given as an ``nn.Module`` was a string in the
+    hyperparameters, it is now ``teacher_source="object"`` (:func:`recorded`). A ``GenerationModule`` no longer has
+    teacher options: their ``None`` values are dropped from its hyperparameters. A class that moved gets its
+    current class path (:data:`MOVED_CLASSES`).
+    """
+    state = checkpoint.get("state_dict")
+    entry = checkpoint.get(ENTRY, {})
+    if entry.get("class_path") in MOVED_CLASSES:
+        entry["class_path"] = MOVED_CLASSES[entry["class_path"]]
+    if isinstance(state, dict) and any(key.startswith("teacher.network.") for key in state):
+        keys = [key for key in state if key.startswith("teacher.network.")]
+        store_frozen(checkpoint, "teacher", [{key.removeprefix("teacher.network."): state.pop(key) for key in keys}])
+    if "finished_generations" in entry:
+        store_frozen(checkpoint, "generations", entry.pop("finished_generations"))
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and hparams.get("teacher") == "<nn.Module passed from Python>":
+        hparams.pop("teacher")
+        checkpoint.setdefault(ENTRY, {})["teacher_source"] = "object"
+    if entry.get("class_path", "").endswith(".GenerationModule") and isinstance(hparams, dict):
+        for key in ("teacher", "teacher_backbone", "teacher_checkpoint", "teacher_backbone_kwargs", "save_teacher"):
+            if key in hparams and not hparams[key]:
+                hparams.pop(key)
+    return checkpoint
+
+
+def backbone_weights(saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(backbone state_dict, hyperparameters)`` of a checkpoint read by :func:`read_checkpoint`.
+
+    ``saved`` is a Lightning checkpoint of any kd_lightning module (its ``backbone.*`` weights are taken, with its
+    hyperparameters) or a plain ``state_dict`` of a backbone or of a module holding it as ``backbone`` (no
+    hyperparameters).
+    """
+    lightning_format = isinstance(saved.get("state_dict"), dict)
+    state = saved["state_dict"] if lightning_format else saved
+    hparams = dict(saved.get("hyper_parameters") or {}) if lightning_format else {}
+    if any(key.startswith("backbone.") for key in state):
+        state = {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
+    return state, hparams
+
+
+def write_module_checkpoint(path: str | Path, module: Any) -> Path:
+    """Save ``module`` (a LightningModule, not training) as a checkpoint :func:`load_module` reads back: its
+    ``state_dict``, its hyperparameters and the kd-lightning entry. Returns ``path``."""
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
+    module.on_save_checkpoint(checkpoint)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
 def load_module(path: str | Path, map_location: Any = "cpu", **overrides: Any) -> ClassifierModule:
     """Restore the module saved in a Lightning checkpoint as the subclass that saved it.
 
@@ -80,10 +200,13 @@ def load_module(path: str | Path, map_location: Any = "cpu", **overrides: Any) -
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is not a checkpoint written by a kd_lightning module.
     """
-    checkpoint = read_checkpoint(path, map_location)
-    info = checkpoint.get("kd_lightning")
+    checkpoint = upgrade(read_checkpoint(path, map_location))
+    info = checkpoint.get(ENTRY)
     if info is None:
         raise CheckpointError(f"{path} is not a checkpoint written by a kd_lightning module (no 'kd_lightning' entry)")
     module_name, _, class_name = info["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **overrides)
+    buffer = io.BytesIO()  # the upgraded checkpoint: hyperparameters of an earlier version build today's class
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return cls.load_from_checkpoint(buffer, map_location=map_location, weights_only=False, **overrides)

@@ -40,7 +40,9 @@ from kd_lightning.checkpoints import CONFIG_KEY, read_checkpoint, saved_model_co
 from kd_lightning.errors import ConfigError, is_user_error, report, tidy_parser_message
 from kd_lightning.models.lstm_lm import list_language_models
 from kd_lightning.models.registry import list_backbones
+from kd_lightning.report import main as report_main
 from kd_lightning.run_folder import RunFolder, write_summary
+from kd_lightning.sweep import main as sweep_main
 
 __all__ = ["KDLightningCLI", "batch_size_of", "console_main", "main"]
 
@@ -54,9 +56,23 @@ def print_backbones() -> None:
     print("\n".join(list_language_models()))
 
 
-#: Commands of kd-lightning's own, beside LightningCLI's: name -> (what it does, the function that does it).
-COMMANDS: dict[str, tuple[str, Callable[[], None]]] = {
-    "backbones": ("List the registered backbone names, then the language models.", print_backbones),
+def _backbones_command(argv: list[str]) -> None:
+    """``kd-lightning backbones [--help]``."""
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: kd-lightning backbones\n{COMMANDS['backbones'][0]}")
+    else:
+        print_backbones()
+
+
+#: Commands of kd-lightning's own, beside LightningCLI's: name -> (what it does, the function that does it, given the
+#: arguments after the command's name and returning its exit status, None for 0).
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {
+    "backbones": ("List the registered backbone names, then the language models.", _backbones_command),
+    "sweep": (
+        "Run an experiment grid (variants x seeds), skipping finished runs, resuming interrupted ones.",
+        sweep_main,
+    ),
+    "report": ("Turn a sweep's results into the paper's table (Markdown, CSV) and validation curves.", report_main),
 }
 
 
@@ -360,8 +376,9 @@ def main(args: ArgsType = None, run: bool = True) -> KDLightningCLI | None:
     silence_known_noise()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv and argv[0] in COMMANDS:
-        text, command = COMMANDS[argv[0]]
-        print(f"usage: kd-lightning {argv[0]}\n{text}") if {"-h", "--help"} & set(argv) else command()
+        status = COMMANDS[argv[0]][1](argv[1:])
+        if status:
+            sys.exit(status)
         return None
     if isinstance(argv, list) and argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         choices = ", ".join([*SUBCOMMANDS, *COMMANDS])

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from kd_lightning.data.base import data_attribute
 from kd_lightning.modules.distributed import distributed_sampler_of
 from kd_lightning.targets import gradient_rescaling, kd_target
 
@@ -128,7 +129,7 @@ class DistillDiagnostics(Callback):
             rank_zero_warn("DistillDiagnostics: no validation data to draw the figures from")
             return
         teacher_logits, student_logits, y = outputs
-        superclass_map = getattr(trainer.datamodule, "superclass_map", None) if trainer.datamodule else None
+        superclass_map = data_attribute(trainer.datamodule, "superclass_map")
         step = trainer.global_step
         figures = {"teacher_correlation": self._correlation_figure(teacher_logits, superclass_map)}
         if student_logits is not None:
@@ -152,7 +153,7 @@ class DistillDiagnostics(Callback):
         """Teacher logits, student logits (None without a teacher) and labels of up to ``max_samples`` examples."""
         datamodule = trainer.datamodule
         loaders = datamodule.val_dataloader() if datamodule else trainer.val_dataloaders
-        device_transform = getattr(datamodule, "device_transform", None)
+        device_transform = data_attribute(datamodule, "device_transform")
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         if not loader:
             return None
@@ -164,7 +165,7 @@ class DistillDiagnostics(Callback):
         with torch.no_grad():
             for batch in loader:
                 x, y = (t.to(pl_module.device) for t in batch)
-                if device_transform is not None:  # on-device normalisation of uint8 batches (CIFAR)
+                if device_transform is not None:  # on-device normalisation of uint8 batches (augment_on_device)
                     x, y = device_transform((x, y), train=False)
                 student = pl_module(x)
                 teachers.append((teacher(x) if teacher is not None else student).float().cpu())

@@ -1,8 +1,11 @@
-"""Shared machinery of the classification datamodules: loaders, split, shuffling generator, views, on-device hook.
+"""The protocol between data and methods, and the shared machinery of the classification datamodules.
 
-A dataset-specific subclass only says what the data is: it loads the raw training pool and the raw test set
-(samples ``(raw_x, label)`` without any transform), gives the per-sample training and evaluation transforms, and,
-for on-device augmentation, a :class:`~kd_lightning.data.transforms.BatchAugment`. Everything else is here:
+:class:`DataProtocol` is what methods and callbacks read from ``trainer.datamodule`` (with :func:`data_attribute`).
+
+:class:`ClassificationDataModule` implements it, and the machinery. A dataset-specific subclass only says what the
+data is: it loads the raw training pool and the raw test set (samples ``(raw_x, label)`` without any transform),
+gives the per-sample training and evaluation transforms, and, for on-device augmentation, a
+:class:`~kd_lightning.data.transforms.BatchAugment`. Everything else is here (with ``ddp_spawn`` pickling):
 
 * **Split.** ``val_size`` samples of the training pool are held out for validation, stratified by class and drawn
   with a generator seeded by ``split_seed`` (independent of the training seed). They get the evaluation
@@ -23,8 +26,6 @@ for on-device augmentation, a :class:`~kd_lightning.data.transforms.BatchAugment
   loaders are built, so a run resumed from an epoch-end checkpoint shuffles the following epochs exactly as the
   uninterrupted run. (Under a distributed strategy Lightning replaces the sampler with a ``DistributedSampler``,
   which shuffles with its own epoch-based seed.) Evaluation loaders get a fresh fixed-seed generator each time.
-* **Pickling.** The generators are pickled as their states (``bytes``, see :meth:`__getstate__`), so ``ddp_spawn``
-  can send the datamodule to its processes; each process continues from the parent's generator states.
 * **On-device augmentation.** When a subclass sets :attr:`batch_augment`, its loaders yield ``uint8`` images and
   :meth:`on_after_batch_transfer` augments them on the accelerator (``trainer.training``: random crop/flip and
   normalise, each view independently; otherwise normalise only).
@@ -33,7 +34,7 @@ for on-device augmentation, a :class:`~kd_lightning.data.transforms.BatchAugment
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -43,12 +44,69 @@ from typing_extensions import override
 
 from kd_lightning.data.transforms import BatchAugment, TwoViews
 
-__all__ = ["ClassificationDataModule", "TransformedSubset", "collate_pairs", "stratified_split"]
+__all__ = [
+    "ClassificationDataModule",
+    "DataAttribute",
+    "DataProtocol",
+    "TransformedSubset",
+    "collate_pairs",
+    "data_attribute",
+    "stratified_split",
+]
 
 #: Seed of the generator every evaluation loader gets (it only draws the workers' base seed).
 EVAL_LOADER_SEED = 0
 #: The datamodule's own generators (training loader): checkpointed, and pickled as their states.
 _GENERATORS = ("shuffle_generator", "worker_seed_generator")
+
+
+class DataProtocol(Protocol):
+    """What kd-lightning's methods and callbacks read from a datamodule: the one interface between data and methods.
+
+    Every member is optional: a method trains on any ``LightningDataModule`` whose batches are ``(x, y)``, and a reader
+    skips what a datamodule does not define (:func:`data_attribute` gives None). :class:`ClassificationDataModule`
+    defines all of them. Members, and who reads them:
+
+    * ``num_classes``: the number of classes ``C`` (labels ``0..C-1``); every method checks ``model.num_classes``
+      against it at set-up;
+    * ``views``: 1 for training batches ``(x, y)``, 2 for ``((x_a, x_b), y)`` (two augmented views of the same
+      images); checked at set-up against the views the module trains on (``SelfDistillModule``: 2, others: 1);
+    * ``superclass_map``: ``(C,)`` long tensor, the super-class of every class, or None; read by ``DistillModule``
+      (``rel`` targets) and ``DistillDiagnostics`` (heat-map order, super-class contrast);
+    * ``device_transform(batch, train)``: a loader's batch, on the device, to the model's batch (on-device
+      augmentation or normalisation; identity without); ``DistillDiagnostics`` calls it on the batches it runs
+      itself, outside Lightning's ``on_after_batch_transfer``.
+    """
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def views(self) -> int: ...
+
+    @property
+    def superclass_map(self) -> Tensor | None: ...
+
+    def device_transform(self, batch: Any, train: bool) -> Any: ...
+
+
+#: The members of :class:`DataProtocol`.
+DataAttribute = Literal["num_classes", "views", "superclass_map", "device_transform"]
+
+
+def data_attribute(datamodule: object | None, name: DataAttribute) -> Any:
+    """Member ``name`` of :class:`DataProtocol` of ``datamodule``: None when there is no datamodule or it lacks it.
+
+    Args:
+        datamodule: ``trainer.datamodule`` (None when the trainer was given loaders).
+        name: One of :data:`DataAttribute`.
+
+    Raises:
+        ValueError: ``name`` is not a member of the protocol.
+    """
+    if name not in get_args(DataAttribute):
+        raise ValueError(f"{name!r} is not part of DataProtocol: one of {list(get_args(DataAttribute))}")
+    return getattr(datamodule, name, None)
 
 
 def stratified_split(labels: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -120,7 +178,7 @@ class ClassificationDataModule(LightningDataModule):
 
     Subclasses implement :attr:`num_classes`, :attr:`input_shape`, :meth:`_load_train_pool` and
     :meth:`_load_test_set`, and optionally :meth:`_train_transform`, :meth:`_eval_transform`,
-    :attr:`superclass_map` and :attr:`batch_augment`.
+    :meth:`_training_indices`, :attr:`superclass_map` and :attr:`batch_augment`.
 
     Args:
         batch_size: Training batch size.
@@ -208,6 +266,11 @@ class ClassificationDataModule(LightningDataModule):
         """The raw test set (``(raw_x, label)`` samples, no transform)."""
         raise NotImplementedError
 
+    def _training_indices(self, train_idx: Tensor, labels: Tensor) -> Tensor:
+        """The training samples among ``train_idx`` (sorted indices of the pool left by the validation split, whose
+        ``(N,)`` labels are ``labels``): all of them, unless a subclass trains on a subset."""
+        return train_idx
+
     def _train_transform(self) -> Callable | None:
         """Per-sample training transform of a raw sample (None: identity)."""
         return None
@@ -228,6 +291,7 @@ class ClassificationDataModule(LightningDataModule):
                 )
             generator = torch.Generator().manual_seed(self.split_seed)
             train_idx, val_idx = stratified_split(labels, self.val_size, generator)
+            train_idx = self._training_indices(train_idx, labels)
             transform = self._train_transform()
             if self.views == 2 and self.batch_augment is None:
                 transform = TwoViews(transform if transform is not None else _identity)

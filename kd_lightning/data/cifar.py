@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from kd_lightning.data.base import ClassificationDataModule
-from kd_lightning.data.transforms import BatchAugment, cifar_eval_transform, cifar_stats, cifar_train_transform
+from kd_lightning.data.small_images import SmallImageDataModule
+from kd_lightning.data.transforms import cifar_stats
 
 __all__ = ["CIFARDataModule"]
 
@@ -21,15 +20,15 @@ _DATASETS: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-class CIFARDataModule(ClassificationDataModule):
+class CIFARDataModule(SmallImageDataModule):
     """CIFAR-10 or CIFAR-100 (Krizhevsky 2009): 50,000 training and 10,000 test 32x32 colour images.
 
     The official python-version archives are read by torchvision's :class:`~torchvision.datasets.CIFAR10` /
     :class:`~torchvision.datasets.CIFAR100` from ``<data_dir>/cifar-10-batches-py`` or
     ``<data_dir>/cifar-100-python``. Training augmentation is the standard 4-pixel zero padding, random 32x32 crop
-    and horizontal flip, then per-channel normalisation (:mod:`kd_lightning.data.transforms`); evaluation only
-    normalises. For CIFAR-100, :attr:`superclass_map` maps the 100 fine classes to the 20 coarse ones
-    (``coarse_labels`` of the ``train`` file, which torchvision does not read).
+    and horizontal flip, then per-channel normalisation (:class:`~kd_lightning.data.small_images.SmallImageDataModule`,
+    ``augment_on_device`` included); evaluation only normalises. For CIFAR-100, :attr:`superclass_map` maps the 100
+    fine classes to the 20 coarse ones (``coarse_labels`` of the ``train`` file, which torchvision does not read).
 
     Args:
         dataset: ``"cifar10"`` or ``"cifar100"``.
@@ -37,16 +36,9 @@ class CIFARDataModule(ClassificationDataModule):
         download: Let :meth:`prepare_data` download the archive if it is missing (nothing is ever downloaded
             otherwise).
         val_size: Training images held out for validation (0: train on all 50,000, no validation loop).
-        batch_size: Training batch size.
         num_workers: DataLoader worker processes.
-        augment_on_device: Loaders yield ``uint8`` images and the augmentation runs on the accelerator, batch-wise
-            (:class:`~kd_lightning.data.transforms.BatchAugment`), instead of per image in the workers.
-        eval_batch_size: See :class:`~kd_lightning.data.base.ClassificationDataModule`.
-        pin_memory: Idem.
-        split_seed: Idem.
-        shuffle_seed: Idem.
-        views: Idem (2 for two augmented views per training image).
-        drop_last: Idem.
+        **kwargs: ``augment_on_device`` and the options of :class:`~kd_lightning.data.base.ClassificationDataModule`
+            (``views=2`` for two augmented views per training image).
     """
 
     def __init__(
@@ -55,35 +47,17 @@ class CIFARDataModule(ClassificationDataModule):
         data_dir: str = "data",
         download: bool = False,
         val_size: int = 5000,
-        batch_size: int = 128,
+        *,
         num_workers: int = 4,
-        augment_on_device: bool = False,
-        eval_batch_size: int | None = None,
-        pin_memory: bool | None = None,
-        split_seed: int = 0,
-        shuffle_seed: int | None = None,
-        views: int = 1,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         if dataset not in _DATASETS:
             raise ValueError(f"Unknown CIFAR dataset {dataset!r}; expected one of {sorted(_DATASETS)}.")
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            val_size=val_size,
-            split_seed=split_seed,
-            shuffle_seed=shuffle_seed,
-            views=views,
-            drop_last=drop_last,
-        )
+        mean, std = cifar_stats(dataset)
+        super().__init__(mean=mean, std=std, padding=4, flip=True, val_size=val_size, num_workers=num_workers, **kwargs)
         self.dataset = dataset
         self.data_dir = str(data_dir)
         self.download = download
-        self.augment_on_device = augment_on_device
-        if augment_on_device:
-            self.batch_augment = BatchAugment(*cifar_stats(dataset), padding=4, flip=True)
         self._superclass_map: Tensor | None = None
 
     @property
@@ -152,12 +126,6 @@ class CIFARDataModule(ClassificationDataModule):
         if self.augment_on_device:
             return TensorDataset(_uint8_images(ds), torch.as_tensor(ds.targets, dtype=torch.long))
         return ds
-
-    def _train_transform(self) -> Callable | None:
-        return None if self.augment_on_device else cifar_train_transform(self.dataset)
-
-    def _eval_transform(self) -> Callable | None:
-        return None if self.augment_on_device else cifar_eval_transform(self.dataset)
 
 
 def _uint8_images(ds: CIFAR10) -> Tensor:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from kd_lightning.data.base import ClassificationDataModule, stratified_split
-from kd_lightning.data.transforms import BatchAugment, eval_transform, train_transform
+from kd_lightning.data.base import stratified_split
+from kd_lightning.data.small_images import SmallImageDataModule
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule"]
 
@@ -30,7 +31,7 @@ def _load_digits() -> Callable:
     return load_digits
 
 
-class DigitsDataModule(ClassificationDataModule):
+class DigitsDataModule(SmallImageDataModule):
     """The 1,797 8x8 digits of scikit-learn (UCI optdigits test set), 10 classes, no download.
 
     Pixel values 0..16 are scaled to [0, 1], upsampled to 32x32 (bilinear), repeated to 3 channels and kept in
@@ -44,17 +45,9 @@ class DigitsDataModule(ClassificationDataModule):
         val_size: Images held out of the non-test ones for validation (0: no validation loop).
         test_size: Images held out as the test set.
         padding: Maximum translation in pixels of the 32x32 images (4 = one original pixel); 0 disables it.
-        augment_on_device: Loaders yield ``uint8`` images, augmented on the accelerator by
-            :class:`~kd_lightning.data.transforms.BatchAugment`.
         test_split_seed: Seed of the test split.
-        batch_size: See :class:`~kd_lightning.data.base.ClassificationDataModule`.
-        eval_batch_size: Idem.
-        num_workers: Idem.
-        pin_memory: Idem.
-        split_seed: Idem.
-        shuffle_seed: Idem.
-        views: Idem.
-        drop_last: Idem.
+        **kwargs: ``augment_on_device`` (see :class:`~kd_lightning.data.small_images.SmallImageDataModule`) and
+            the options of :class:`~kd_lightning.data.base.ClassificationDataModule`.
     """
 
     def __init__(
@@ -62,39 +55,16 @@ class DigitsDataModule(ClassificationDataModule):
         val_size: int = 250,
         test_size: int = 250,
         padding: int = 4,
-        augment_on_device: bool = False,
+        *,
         test_split_seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        split_seed: int = 0,
-        shuffle_seed: int | None = None,
-        views: int = 1,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         self._load_digits = _load_digits()  # fail at construction when scikit-learn is missing
         if test_size < 1:
             raise ValueError(f"test_size must be >= 1, got {test_size}.")
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}.")
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            val_size=val_size,
-            split_seed=split_seed,
-            shuffle_seed=shuffle_seed,
-            views=views,
-            drop_last=drop_last,
-        )
+        super().__init__(mean=DIGITS_MEAN, std=DIGITS_STD, padding=padding, flip=False, val_size=val_size, **kwargs)
         self.test_size = test_size
-        self.padding = padding
-        self.augment_on_device = augment_on_device
         self.test_split_seed = test_split_seed
-        if augment_on_device:
-            self.batch_augment = BatchAugment(DIGITS_MEAN, DIGITS_STD, padding=padding, flip=False)
         self._splits: tuple[Dataset, Tensor, Dataset] | None = None
 
     @property
@@ -129,11 +99,3 @@ class DigitsDataModule(ClassificationDataModule):
 
     def _load_test_set(self) -> Dataset:
         return self._build()[2]
-
-    def _train_transform(self) -> Callable | None:
-        if self.augment_on_device:
-            return None
-        return train_transform(DIGITS_MEAN, DIGITS_STD, size=32, padding=self.padding, flip=False)
-
-    def _eval_transform(self) -> Callable | None:
-        return None if self.augment_on_device else eval_transform(DIGITS_MEAN, DIGITS_STD)

@@ -7,6 +7,8 @@ lost the constants; the ones chosen here are documented in :class:`SyntheticData
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,14 +86,10 @@ class SyntheticDataModule(ClassificationDataModule):
         num_val: Validation samples, held out of a pool of ``num_train + num_val`` (0: no validation loop).
         num_test: Test samples.
         data_seed: Seed of everything generated (basis, class vectors, sine constants, points).
-        batch_size: See :class:`~kd_lightning.data.base.ClassificationDataModule`.
-        eval_batch_size: Idem.
-        num_workers: Idem (the data are in-memory tensors; 0 is usually fastest).
-        pin_memory: Idem.
-        split_seed: Idem.
-        shuffle_seed: Idem.
-        views: Must be 1: there is no distortion to make two views of.
-        drop_last: Idem.
+        views: Deprecated (removed in the next release): the inputs have no augmentation, so there is a single
+            view; 1 is accepted with a FutureWarning (configs saved by earlier versions have it), other values raise.
+        **kwargs: The options of :class:`~kd_lightning.data.base.ClassificationDataModule` (batch sizes, workers:
+            the data are in-memory tensors, 0 is usually fastest; seeds; ``drop_last``).
     """
 
     def __init__(
@@ -106,20 +104,12 @@ class SyntheticDataModule(ClassificationDataModule):
         num_val: int = 5_000,
         num_test: int = 10_000,
         data_seed: int = 1,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        split_seed: int = 0,
-        shuffle_seed: int | None = None,
-        views: int = 1,
-        drop_last: bool = False,
+        *,
+        views: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        if views != 1:
-            raise ValueError(
-                f"views={views} is not meaningful for SyntheticDataModule: its inputs have no augmentation, so two "
-                "views would be identical. Use views=1."
-            )
+        if views is not None:
+            _check_deprecated_views(views)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
         if num_superclasses < 1 or num_classes % num_superclasses != 0:
@@ -143,17 +133,7 @@ class SyntheticDataModule(ClassificationDataModule):
             )
         if data_seed < 0:
             raise ValueError(f"data_seed must be >= 0, got {data_seed}.")
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            val_size=num_val,
-            split_seed=split_seed,
-            shuffle_seed=shuffle_seed,
-            views=views,
-            drop_last=drop_last,
-        )
+        super().__init__(val_size=num_val, views=1, **kwargs)
         self._num_classes = num_classes
         self._num_superclasses = num_superclasses
         self.input_dim = input_dim
@@ -161,7 +141,6 @@ class SyntheticDataModule(ClassificationDataModule):
         self.difficulty = difficulty
         self.frequency_scale = frequency_scale
         self.num_train = num_train
-        self.num_val = num_val
         self.num_test = num_test
         self.data_seed = data_seed
 
@@ -220,8 +199,23 @@ class SyntheticDataModule(ClassificationDataModule):
         return x, self.label(x)
 
     def _load_train_pool(self) -> tuple[Dataset, Tensor]:
-        x, y = self.generate(self.num_train + self.num_val, _TRAIN_STREAM)
+        x, y = self.generate(self.num_train + self.val_size, _TRAIN_STREAM)
         return TensorDataset(x, y), y
 
     def _load_test_set(self) -> Dataset:
         return TensorDataset(*self.generate(self.num_test, _TEST_STREAM))
+
+
+def _check_deprecated_views(views: int) -> None:
+    """The deprecated ``views`` argument: 1 warns, anything else raises."""
+    if views != 1:
+        raise ValueError(
+            f"views={views} is not meaningful for SyntheticDataModule: its inputs have no augmentation, so two "
+            "views would be identical. Remove views (there is a single view)."
+        )
+    warnings.warn(
+        "SyntheticDataModule's views is deprecated (its inputs have a single view): remove it from the config; it "
+        "will be removed in the next release",
+        FutureWarning,
+        stacklevel=3,
+    )

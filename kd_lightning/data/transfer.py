@@ -6,7 +6,7 @@
   ``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt``, ``images/``).
 
 Nothing is downloaded unless ``download=True`` (then :meth:`prepare_data` fetches the archive once). Images go through
-the ImageNet transforms of :mod:`kd_lightning.data.imagenet` ("exactly the same data augmentation methods as in
+the ImageNet transforms of :mod:`kd_lightning.data.transforms` ("exactly the same data augmentation methods as in
 ImageNet classification", DUPS Sec. 4.2) and are normalised with the ImageNet statistics, as the ImageNet-pretrained
 weights expect. The training pool is the official training split, or training + validation (``train_split="trainval"``,
 the default: the usual protocol for these datasets when reporting test accuracy); the test set is the official test
@@ -24,13 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import DTD, FGVCAircraft, Flowers102, VisionDataset
 from torchvision.datasets.utils import download_and_extract_archive
 
-from kd_lightning.data.imagenet import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Augmentation,
-    ImageFileDataModule,
-    ImageFiles,
-)
+from kd_lightning.data.image_files import ImageFileDataModule, ImageFiles
 
 __all__ = [
     "CUB200DataModule",
@@ -57,21 +51,10 @@ class TorchvisionTransferDataModule(ImageFileDataModule):
         data_dir: Folder that holds (or receives) the unpacked archive.
         download: Let :meth:`prepare_data` download the archive when it is missing (nothing is downloaded otherwise).
         train_split: ``"trainval"`` (training + validation splits, default) or ``"train"``.
-        crop_size: See :class:`~kd_lightning.data.imagenet.ImageFileDataModule`.
-        resize_size: Idem.
-        augmentation: Idem.
-        mean: Idem.
-        std: Idem.
-        strict: Idem.
-        num_workers: Idem.
-        batch_size: Idem (64: DUPS Sec. 4.2).
-        eval_batch_size: Idem.
-        pin_memory: Idem.
-        val_size: Idem.
-        split_seed: Idem.
-        shuffle_seed: Idem.
-        views: Idem.
-        drop_last: Idem.
+        batch_size: Training batch size, per process under DDP (64: DUPS Sec. 4.2).
+        **kwargs: The options of :class:`~kd_lightning.data.image_files.ImageFileDataModule` (crops,
+            normalisation, ``strict``, workers) and :class:`~kd_lightning.data.base.ClassificationDataModule`
+            (``val_size``, seeds, ``views``).
     """
 
     #: The torchvision dataset class.
@@ -88,41 +71,13 @@ class TorchvisionTransferDataModule(ImageFileDataModule):
         data_dir: str = "data",
         download: bool = False,
         train_split: TrainSplit = "trainval",
-        crop_size: int = 224,
-        resize_size: int | None = None,
-        augmentation: Augmentation = "inception",
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        strict: bool = False,
-        num_workers: int | None = None,
+        *,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        pin_memory: bool | None = None,
-        val_size: int = 0,
-        split_seed: int = 0,
-        shuffle_seed: int | None = None,
-        views: int = 1,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         if train_split not in ("train", "trainval"):
             raise ValueError(f"train_split must be 'train' or 'trainval', got {train_split!r}.")
-        super().__init__(
-            crop_size=crop_size,
-            resize_size=resize_size,
-            augmentation=augmentation,
-            mean=mean,
-            std=std,
-            strict=strict,
-            num_workers=num_workers,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            pin_memory=pin_memory,
-            val_size=val_size,
-            split_seed=split_seed,
-            shuffle_seed=shuffle_seed,
-            views=views,
-            drop_last=drop_last,
-        )
+        super().__init__(batch_size=batch_size, **kwargs)
         self.data_dir = str(data_dir)
         self.download = download
         self.train_split = train_split
@@ -165,8 +120,8 @@ class TorchvisionTransferDataModule(ImageFileDataModule):
 def _image_files(*parts: VisionDataset) -> ImageFiles:
     """The samples of torchvision Flowers102 / FGVCAircraft / DTD splits, one after the other, as :class:`ImageFiles`.
 
-    torchvision parses the split files; the images are then read by :func:`~kd_lightning.data.imagenet.load_rgb`
-    (unreadable files named, see :class:`~kd_lightning.data.imagenet.SkipUnreadable`). These classes keep their file
+    torchvision parses the split files; the images are then read by :func:`~kd_lightning.data.image_files.load_rgb`
+    (unreadable files named, see :class:`~kd_lightning.data.image_files.SkipUnreadable`). These classes keep their file
     list and labels in ``_image_files`` and ``_labels`` (no public accessor; present since torchvision 0.12, while
     their ``loader`` argument only exists from 0.22).
     """
@@ -356,7 +311,7 @@ class CUB200DataModule(ImageFileDataModule):
         data_dir: Folder that holds (or receives) ``CUB_200_2011/``.
         download: Let :meth:`prepare_data` download ``CUB_200_2011.tgz`` (1.1 GB, from CaltechDATA, MD5-checked)
             when ``images.txt`` is missing.
-        **kwargs: See :class:`~kd_lightning.data.imagenet.ImageFileDataModule` (``batch_size`` defaults to 64).
+        **kwargs: See :class:`~kd_lightning.data.image_files.ImageFileDataModule` (``batch_size`` defaults to 64).
 
     Raises:
         RuntimeError: (at set-up) files of the layout are missing; ValueError: the files disagree.

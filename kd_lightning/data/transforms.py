@@ -1,14 +1,27 @@
 """Image transforms: per-sample augmentations, the two-view wrapper and batch-level (on-device) augmentation.
 
-Two ways to augment the same way:
+Two recipes. The CIFAR one, "pad, random crop, (random horizontal flip), scale to [0, 1], normalise" (He et al.
+2016, zero padding), can run two ways:
 
 * per sample on the CPU, in the DataLoader workers: :func:`train_transform` / :func:`eval_transform` (torchvision
   ``transforms.v2``; they accept PIL images and ``uint8`` ``(C, H, W)`` tensors alike);
 * per batch on the accelerator: :class:`BatchAugment`, applied by the datamodules with ``augment_on_device=True``
   in ``on_after_batch_transfer`` to the ``uint8`` batches their loaders yield.
 
-Both do the standard "pad, random crop, (random horizontal flip), scale to [0, 1], normalise" recipe of the CIFAR
-literature (He et al. 2016), with zero padding.
+The ImageNet one, per sample on PIL images, that of the PyTorch ImageNet example the papers follow (DUPS Sec. 4.2:
+"the same way as the Pytorch official examples"):
+
+* training, ``augmentation="inception"`` (default): ``RandomResizedCrop(crop_size)`` (scale 0.08-1, aspect 3/4-4/3)
+  and a horizontal flip; ``augmentation="caffe"``: the image squashed to ``resize_size x resize_size``, a random
+  ``crop_size`` crop and a flip (the Caffe ImageNet preprocessing of Xu & Liu's self-distillation, Sec. "Extension
+  to large-scale classification task");
+* evaluation: the shorter side resized to ``resize_size`` and the central ``crop_size`` crop (``"caffe"``: the
+  squashed ``resize_size`` square, then the central crop);
+* then scaling to [0, 1] and normalisation, by default with the ImageNet channel statistics (:data:`IMAGENET_MEAN`,
+  :data:`IMAGENET_STD`).
+
+``resize_size`` defaults to ``round(crop_size * 256 / 224)`` (256 for 224), so small crops (the tests run at 32 px)
+keep the ratio.
 """
 
 from __future__ import annotations
@@ -25,12 +38,17 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Augmentation",
     "BatchAugment",
     "TwoViews",
     "cifar_eval_transform",
     "cifar_stats",
     "cifar_train_transform",
     "eval_transform",
+    "imagenet_eval_transform",
+    "imagenet_train_transform",
     "train_transform",
 ]
 
@@ -40,6 +58,12 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 #: Per-channel mean and standard deviation of the CIFAR-100 training images in [0, 1].
 CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+#: Per-channel mean and standard deviation of the ImageNet training images in [0, 1] (torchvision's values).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: The ImageNet training augmentations (see the module docstring).
+Augmentation = Literal["inception", "caffe"]
 
 
 class TwoViews:
@@ -93,9 +117,12 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
         mean: Per-channel mean of the [0, 1]-scaled images.
         std: Per-channel standard deviation of the [0, 1]-scaled images.
     """
-    return v2.Compose(
-        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
-    )
+    return v2.Compose(_to_normalised_tensor(mean, std))
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
+    """A PIL image or ``uint8`` tensor to a float32 tensor scaled to [0, 1] and normalised."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
 
 
 def cifar_stats(dataset: Literal["cifar10", "cifar100"]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -115,6 +142,56 @@ def cifar_train_transform(dataset: Literal["cifar10", "cifar100"] = "cifar10") -
 def cifar_eval_transform(dataset: Literal["cifar10", "cifar100"] = "cifar10") -> v2.Compose:
     """The CIFAR evaluation transform: normalise only."""
     return eval_transform(*cifar_stats(dataset))
+
+
+def imagenet_train_transform(
+    crop_size: int = 224,
+    resize_size: int | None = None,
+    augmentation: Augmentation = "inception",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Per-sample ImageNet training augmentation of a PIL image (see the module docstring), to a normalised tensor.
+
+    Args:
+        crop_size: Side of the square crop the network sees.
+        resize_size: Side the image is squashed to before the random crop (``"caffe"`` only); None:
+            ``round(crop_size * 256 / 224)``.
+        augmentation: ``"inception"`` (RandomResizedCrop + flip) or ``"caffe"`` (squash, random crop + flip).
+        mean: Per-channel mean of the [0, 1]-scaled images.
+        std: Per-channel standard deviation of the [0, 1]-scaled images.
+    """
+    if augmentation == "inception":
+        geometry: list[nn.Module] = [v2.RandomResizedCrop(crop_size, antialias=True)]
+    else:
+        geometry = [v2.Resize((_resize(crop_size, resize_size),) * 2, antialias=True), v2.RandomCrop(crop_size)]
+    return v2.Compose([*geometry, v2.RandomHorizontalFlip(), *_to_normalised_tensor(mean, std)])
+
+
+def imagenet_eval_transform(
+    crop_size: int = 224,
+    resize_size: int | None = None,
+    augmentation: Augmentation = "inception",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Per-sample ImageNet evaluation: ``Resize(resize_size)`` (shorter side; ``"caffe"``: a square) + central crop.
+
+    Args:
+        crop_size: Side of the central crop.
+        resize_size: Shorter side (``"caffe"``: side of the square) before cropping; None:
+            ``round(crop_size * 256 / 224)``.
+        augmentation: The training augmentation this evaluation goes with (``"inception"`` or ``"caffe"``).
+        mean: Per-channel mean of the [0, 1]-scaled images.
+        std: Per-channel standard deviation of the [0, 1]-scaled images.
+    """
+    side = _resize(crop_size, resize_size)
+    resize = v2.Resize(side if augmentation == "inception" else (side, side), antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(crop_size), *_to_normalised_tensor(mean, std)])
+
+
+def _resize(crop_size: int, resize_size: int | None) -> int:
+    return round(crop_size * 256 / 224) if resize_size is None else resize_size
 
 
 class BatchAugment(nn.Module):

@@ -12,7 +12,10 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.checkpoints import record_module, upgrade
+from kd_lightning.data.base import data_attribute
 from kd_lightning.models.registry import create_backbone
+from kd_lightning.modules.teacher import FrozenNetworks
 from kd_lightning.optim import NesterovSGD, warmup_cosine
 
 __all__ = ["ClassifierModule"]
@@ -72,6 +75,8 @@ class ClassifierModule(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        #: Frozen networks (a teacher, finished generations) held outside the module tree.
+        self.frozen = FrozenNetworks()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if schedule_epochs is not None and schedule_epochs < 1:
@@ -100,19 +105,9 @@ class ClassifierModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
-    def frozen_networks(self) -> tuple[nn.Module, ...]:
-        """Networks this module uses but holds outside its module tree (frozen teachers, finished generations).
-
-        Outside the tree they stay out of ``state_dict()``, DDP's buffer broadcasts, ``train()`` / ``apply()`` and
-        Lightning's eval-mode check; :meth:`_apply` still moves and casts them with the module (``.to(device)``,
-        ``.half()`` ...). None here; a module holding such networks returns them.
-        """
-        return ()
-
     def _apply(self, fn: Any, recurse: bool = True) -> ClassifierModule:
         super()._apply(fn, recurse)
-        for network in self.frozen_networks():
-            network._apply(fn, recurse)
+        self.frozen.apply(fn, recurse)  # the networks held outside the module tree move and cast with it
         return self
 
     # ----------------------------------------------------------------------------------------------- training
@@ -221,13 +216,13 @@ class ClassifierModule(pl.LightningModule):
 
     def _check_datamodule(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
+        data_classes = data_attribute(datamodule, "num_classes")
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
                 f"model.num_classes={self.num_classes} but the datamodule {type(datamodule).__name__} has "
                 f"{data_classes} classes: set model.init_args.num_classes: {data_classes}"
             )
-        views = getattr(datamodule, "views", None)  # None: plain loaders or a datamodule that does not say
+        views = data_attribute(datamodule, "views")  # None: plain loaders or a datamodule that does not say
         if views is not None and views not in self.supported_views:
             raise ValueError(
                 f"{type(self).__name__} trains on views={list(self.supported_views)} but the datamodule yields "
@@ -257,5 +252,11 @@ class ClassifierModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint["kd_lightning"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+        """The kd-lightning entry: the class (for :func:`~kd_lightning.load_module`) and the saved frozen networks."""
+        record_module(checkpoint, self)
+        self.frozen.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of an earlier version is brought to the current layout first (see
+        :func:`~kd_lightning.checkpoints.upgrade`)."""
+        upgrade(checkpoint)

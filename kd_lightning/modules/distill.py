@@ -1,4 +1,9 @@
-"""DistillModule: a student trained from a frozen teacher with any target of Tang et al.'s partial-KD family."""
+"""DistillModule: a student trained from a frozen teacher with any target of Tang et al.'s partial-KD family.
+
+:class:`KDStudentModule` is the loss and the targets, its teacher installed by :meth:`~KDStudentModule.set_teacher`
+(the generations of :class:`~kd_lightning.GenerationModule` are its teachers); :class:`DistillModule` adds the
+options that give it a teacher (a checkpoint, or a network from Python).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any, ClassVar, Protocol
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from kd_lightning.checkpoints import record_module, recorded
+from kd_lightning.data.base import data_attribute
 from kd_lightning.losses import kd_kl_div
 from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.teacher import FrozenTeacher
@@ -22,11 +29,7 @@ from kd_lightning.targets import (
     teacher_distribution,
 )
 
-__all__ = ["TEACHER_OBJECT", "DistillModule", "TeacherNetwork"]
-
-#: What ``hparams["teacher"]`` records when the teacher was passed as an ``nn.Module``: a checkpoint cannot rebuild
-#: it, so loading asks for it again.
-TEACHER_OBJECT = "<nn.Module passed from Python>"
+__all__ = ["DistillModule", "KDStudentModule", "TeacherNetwork"]
 
 
 class TeacherNetwork(Protocol):
@@ -41,10 +44,11 @@ class TeacherNetwork(Protocol):
         """The teacher's logits of a batch: ``(B, K)`` from ``(B, ...)`` inputs."""
 
 
-class DistillModule(ClassifierModule):
+class KDStudentModule(ClassifierModule):
     """KD (Hinton et al. 2015; Tang et al. 2020, Eq. 2): L = (1 - alpha) CE(z, y) + alpha T^2 KL(rho || softmax(z/T)).
 
-    Knowledge distillation from a frozen teacher (Hinton et al. 2015) and its partial variants (Tang et al. 2020).
+    The loss of knowledge distillation (Hinton et al. 2015) and its partial variants (Tang et al. 2020), from the
+    teacher that :meth:`set_teacher` installs (:class:`DistillModule` takes one as an option).
 
     The loss (Eq. 2 of Tang et al. with the :math:`T^2` of their App. 7.2, which ``t2_scaling=False`` drops), logged as
     ``train/ce`` and ``train/kd``:
@@ -54,14 +58,8 @@ class DistillModule(ClassifierModule):
     where :math:`\\rho` is the teacher distribution of ``target_kind`` (see :mod:`kd_lightning.targets`): ``kd``,
     ``ls``, ``pt``, ``sim``, ``pt+sim``, ``topk``, ``rel``, ``pt+rel``. Kinds that need no teacher output (``ls``,
     ``sim``, ``rel``) never run the teacher's forward; ``sim`` reads the teacher's classifier weights once (a
-    ``K x K`` table), ``rel`` the datamodule's ``superclass_map`` at set-up.
-
-    The teacher is a :class:`~kd_lightning.modules.teacher.FrozenTeacher` (eval mode throughout, no gradients,
-    not optimised) given either as ``teacher_backbone`` + ``teacher_checkpoint`` (recorded in the hyperparameters, so
-    :func:`~kd_lightning.load_module` and ``fit --ckpt_path`` rebuild it from them alone) or as an ``nn.Module`` from
-    Python (then loading a checkpoint needs ``teacher=`` again). Its weights stay out of the student's checkpoints
-    unless ``save_teacher=True``. With no teacher and a kind that needs one, the module trains with cross-entropy only
-    until :meth:`set_teacher` is called (the first generation of generational KD), and warns at fit start.
+    ``K x K`` table), ``rel`` the datamodule's ``superclass_map`` at set-up. With no teacher and a kind that needs
+    one, the module trains with cross-entropy only until :meth:`set_teacher` is called, and warns at fit start.
 
     Args:
         target_kind: the teacher distribution :math:`\\rho` (see :mod:`kd_lightning.targets`).
@@ -69,13 +67,6 @@ class DistillModule(ClassifierModule):
         temperature: :math:`T > 0` of the student's (and the teacher's) softmax in the distillation term.
         t2_scaling: multiply the distillation term by :math:`T^2` (Hinton et al.; Tang et al. App. 7.2). Born-again
             and tolerant generations (Yang et al. Eq. 4) use none.
-        teacher: the teacher as an ``nn.Module`` (its logits from ``teacher(x)``), from Python only; exclusive with
-            ``teacher_checkpoint``.
-        teacher_backbone: registered backbone name of the teacher.
-        teacher_checkpoint: path of the teacher's weights: a Lightning checkpoint of any kd_lightning module or a
-            plain ``state_dict`` (see :meth:`FrozenTeacher.from_checkpoint`).
-        teacher_backbone_kwargs: the teacher backbone's keyword arguments; None: those its checkpoint records.
-        save_teacher: also write the teacher's weights into the student's checkpoints.
         topk: ``k`` of ``topk`` (``1 <= k < num_classes``).
         pt_weight: :math:`\\lambda` of ``pt+sim`` / ``pt+rel``: :math:`\\lambda\\rho^{pt} + (1-\\lambda)\\rho^{other}`.
         sim_power: power :math:`a` of ``sim`` (see :func:`~kd_lightning.targets.sim_table`).
@@ -84,17 +75,13 @@ class DistillModule(ClassifierModule):
         rel_superclass_mass: ``rel``'s mass on the ground truth's super-class siblings, all together.
         cache_teacher_topk: cache the teacher's ``k`` largest probabilities of every training input during the first
             epoch and look them up afterwards instead of running the teacher (a
-            :class:`~kd_lightning.modules.teacher_cache.TeacherOutputCache`; only for data without random augmentation,
-            on one device; ``k = num_classes`` keeps the whole distribution). None: no cache.
+            :class:`~kd_lightning.modules.teacher_cache.TeacherOutputCache`; only for data without random
+            augmentation, on one device; ``k = num_classes`` keeps the whole distribution). None: no cache.
         **kwargs: the student's :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
 
     Raises:
-        ValueError: an unknown ``target_kind``, a hyperparameter out of range, a teacher given twice or half given, or
-            a teacher checkpoint of another backbone / number of classes.
-        TypeError: a ``teacher`` that is not an ``nn.Module``.
+        ValueError: an unknown ``target_kind`` or a hyperparameter out of range.
     """
-
-    hparams_ignore: ClassVar[tuple[str, ...]] = (*ClassifierModule.hparams_ignore, "teacher")
 
     def __init__(
         self,
@@ -102,11 +89,6 @@ class DistillModule(ClassifierModule):
         alpha: float = 0.9,
         temperature: float = 4.0,
         t2_scaling: bool = True,
-        teacher: TeacherNetwork | None = None,
-        teacher_backbone: str | None = None,
-        teacher_checkpoint: str | None = None,
-        teacher_backbone_kwargs: dict[str, Any] | None = None,
-        save_teacher: bool = False,
         topk: int = 5,
         pt_weight: float = 0.5,
         sim_power: float = 1.0,
@@ -126,66 +108,29 @@ class DistillModule(ClassifierModule):
             raise ValueError(f"topk must be in [1, num_classes={self.num_classes}), got {topk}")
         if not 0.0 <= pt_weight <= 1.0:
             raise ValueError(f"pt_weight must be in [0, 1], got {pt_weight}")
-        if isinstance(teacher, str):
-            raise ValueError(
-                "this DistillModule was trained with a teacher passed as an nn.Module, which its hyperparameters "
-                "cannot rebuild: pass it again, e.g. load_module(path, teacher=teacher_net) or "
-                "DistillModule.load_from_checkpoint(path, teacher=teacher_net) (or train with teacher_backbone + "
-                "teacher_checkpoint)"
-            )
-        if teacher is not None and not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be an nn.Module (its logits from teacher(x)), got {type(teacher).__name__}")
-        if teacher is not None and (teacher_backbone is not None or teacher_checkpoint is not None):
-            raise ValueError("give the teacher either as an nn.Module or as teacher_backbone + teacher_checkpoint")
-        if (teacher_backbone is None) != (teacher_checkpoint is None):
-            raise ValueError(
-                f"teacher_backbone and teacher_checkpoint go together, got teacher_backbone={teacher_backbone!r} "
-                f"and teacher_checkpoint={teacher_checkpoint!r}"
-            )
         self.target_kind = target_kind
         self.alpha = alpha
         self.temperature = temperature
         self.register_buffer("class_table", None, persistent=False)
         use_cache = cache_teacher_topk is not None and target_kind in TEACHER_FORWARD_KINDS
         self.teacher_cache = TeacherOutputCache(cache_teacher_topk) if use_cache else None
-        self._teacher: tuple[FrozenTeacher, ...] = ()  # out of the module tree: see `teacher`
-        if teacher_checkpoint is not None:
-            teacher = FrozenTeacher.from_checkpoint(
-                teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs, self.build_backbone
-            )
-            self._set_teacher(teacher)
-        elif teacher is not None:
-            self.set_teacher(teacher)
 
     # ------------------------------------------------------------------------------------------------ teacher
     @property
     def teacher(self) -> FrozenTeacher | None:
-        """The frozen teacher, or None.
+        """The frozen teacher, or None (held in :attr:`frozen`, outside the module tree)."""
+        return self.frozen.first("teacher")
 
-        It is held outside the module tree: it is not in ``state_dict()`` (so not in checkpoints, unless
-        ``save_teacher``), not wrapped by DDP (no buffer broadcasts), not reached by ``module.train()`` or
-        ``module.apply()``, and not reported by Lightning's eval-mode check; :meth:`_apply` still moves and casts it
-        with the module (``.to(device)``, ``.half()`` ...).
+    def set_teacher(self, teacher: nn.Module | None, save: bool = False) -> None:
+        """Installs (or removes) the teacher, frozen, on this module's device; ``save``: write its weights into
+        checkpoints. ``sim`` reads its classifier weights now.
+
+        Raises:
+            ValueError: for ``sim``, a teacher classifier of another number of classes.
         """
-        return self._teacher[0] if self._teacher else None
-
-    def frozen_networks(self) -> tuple[nn.Module, ...]:
-        return self._teacher
-
-    def set_teacher(self, teacher: nn.Module | None) -> None:
-        """Installs (or removes) a teacher given as a module; recorded in ``hparams`` as :data:`TEACHER_OBJECT`."""
-        self.hparams["teacher"] = None if teacher is None else TEACHER_OBJECT
-        self.hparams["teacher_backbone"] = self.hparams["teacher_checkpoint"] = None
-        self._set_teacher(teacher)
-
-    def _set_teacher(self, teacher: nn.Module | None) -> None:
-        if teacher is not None and not isinstance(teacher, FrozenTeacher):
-            teacher = FrozenTeacher(teacher)
-        if teacher is not None:
-            teacher.to(self.device)
-        self._teacher = () if teacher is None else (teacher,)
-        if TABLE_OF_KIND.get(self.target_kind) == "sim" and teacher is not None:
-            weight = teacher.classifier_weight
+        self.frozen.set("teacher", [] if teacher is None else [teacher], self.device, save)
+        if TABLE_OF_KIND.get(self.target_kind) == "sim" and self.teacher is not None:
+            weight = self.teacher.classifier_weight
             if weight.shape[0] != self.num_classes:
                 raise ValueError(
                     f"the teacher's classifier has {weight.shape[0]} classes but the student has "
@@ -249,12 +194,13 @@ class DistillModule(ClassifierModule):
         super().setup(stage)
         if TABLE_OF_KIND.get(self.target_kind) == "rel":
             datamodule = getattr(self.trainer, "datamodule", None)
-            superclass_map = getattr(datamodule, "superclass_map", None)
+            superclass_map = data_attribute(datamodule, "superclass_map")
             if superclass_map is None:
                 raise ValueError(
                     f"target_kind={self.target_kind!r} needs the datamodule's superclass_map (the super-class of "
                     f"every class), but {type(datamodule).__name__} has none: use a datamodule with super-classes "
-                    "(SyntheticDataModule, CIFARDataModule with dataset='cifar100') or another target_kind"
+                    "(SyntheticDataModule, CIFARDataModule with dataset='cifar100', FashionMNISTDataModule) or another "
+                    "target_kind"
                 )
             hp = self.hparams
             self.class_table = rel_table(superclass_map, hp.rel_gt_mass, hp.rel_superclass_mass).to(self.device)
@@ -266,16 +212,91 @@ class DistillModule(ClassifierModule):
                 "until set_teacher() is called"
             )
 
+
+class DistillModule(KDStudentModule):
+    """KD (Hinton et al. 2015; Tang et al. 2020, Eq. 2): L = (1 - alpha) CE(z, y) + alpha T^2 KL(rho || softmax(z/T)).
+
+    Knowledge distillation from a frozen teacher: :class:`KDStudentModule`'s loss and a teacher option.
+
+    The teacher is a :class:`~kd_lightning.modules.teacher.FrozenTeacher` (eval mode throughout, no gradients, not
+    optimised) given either as ``teacher_backbone`` + ``teacher_checkpoint`` (recorded in the hyperparameters, so
+    :func:`~kd_lightning.load_module` and ``fit --ckpt_path`` rebuild it from them alone) or as an ``nn.Module`` from
+    Python (then loading a checkpoint needs ``teacher=`` again). Its weights stay out of the student's checkpoints
+    unless ``save_teacher=True``.
+
+    Args:
+        teacher: the teacher as an ``nn.Module`` (its logits from ``teacher(x)``), from Python only; exclusive with
+            ``teacher_checkpoint``.
+        teacher_backbone: registered backbone name of the teacher.
+        teacher_checkpoint: path of the teacher's weights: a Lightning checkpoint of any kd_lightning module or a
+            plain ``state_dict`` (see :meth:`FrozenTeacher.from_checkpoint`).
+        teacher_backbone_kwargs: the teacher backbone's keyword arguments; None: those its checkpoint records.
+        save_teacher: also write the teacher's weights into the student's checkpoints.
+        **kwargs: :class:`KDStudentModule`'s arguments (``target_kind``, ``alpha``, ``temperature`` ...) and
+            :class:`ClassifierModule`'s (``backbone``, ``num_classes``, ``optimizer`` ...).
+
+    Raises:
+        ValueError: a teacher given twice or half given, a teacher checkpoint of another backbone / number of
+            classes, and :class:`KDStudentModule`'s errors.
+        TypeError: a ``teacher`` that is not an ``nn.Module``.
+    """
+
+    hparams_ignore: ClassVar[tuple[str, ...]] = (*ClassifierModule.hparams_ignore, "teacher")
+
+    def __init__(
+        self,
+        teacher: TeacherNetwork | None = None,
+        teacher_backbone: str | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_backbone_kwargs: dict[str, Any] | None = None,
+        save_teacher: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module (its logits from teacher(x)), got {type(teacher).__name__}")
+        if teacher is not None and (teacher_backbone is not None or teacher_checkpoint is not None):
+            raise ValueError("give the teacher either as an nn.Module or as teacher_backbone + teacher_checkpoint")
+        if (teacher_backbone is None) != (teacher_checkpoint is None):
+            raise ValueError(
+                f"teacher_backbone and teacher_checkpoint go together, got teacher_backbone={teacher_backbone!r} "
+                f"and teacher_checkpoint={teacher_checkpoint!r}"
+            )
+        super().__init__(**kwargs)
+        #: Whether the teacher was given as a network from Python (a checkpoint cannot rebuild it).
+        self.teacher_from_python = teacher is not None
+        if teacher_checkpoint is not None:
+            teacher = FrozenTeacher.from_checkpoint(
+                teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs, self.build_backbone
+            )
+        super().set_teacher(teacher, save_teacher)
+
+    def set_teacher(self, teacher: nn.Module | None, save: bool | None = None) -> None:
+        """Installs (or removes) a teacher given as a network (the checkpoint options are cleared); ``save``: None
+        keeps ``save_teacher``."""
+        self.hparams["teacher_backbone"] = self.hparams["teacher_checkpoint"] = None
+        self.teacher_from_python = teacher is not None
+        super().set_teacher(teacher, self.hparams.save_teacher if save is None else save)
+
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.hparams.save_teacher and self.teacher is not None:
-            checkpoint["state_dict"].update(self.teacher.state_dict(prefix="teacher."))
+        if self.teacher_from_python:
+            record_module(checkpoint, self, teacher_source="object")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Teacher weights saved with save_teacher=True replace those the hyperparameters rebuilt.
-        state = checkpoint["state_dict"]
-        keys = [key for key in state if key.startswith("teacher.")]
-        teacher_state = {key.removeprefix("teacher."): state.pop(key) for key in keys}
-        if teacher_state and self.teacher is not None:
-            self.teacher.load_state_dict(teacher_state)
+        """Teacher weights saved with ``save_teacher=True`` replace those the hyperparameters rebuilt.
+
+        Raises:
+            ValueError: the checkpoint's teacher was given as a network, and none is given again.
+        """
+        super().on_load_checkpoint(checkpoint)
+        if recorded(checkpoint, "teacher_source") == "object" and self.teacher is None:
+            raise ValueError(
+                "this DistillModule was trained with a teacher passed as an nn.Module, which its hyperparameters "
+                "cannot rebuild: pass it again, e.g. load_module(path, teacher=teacher_net) or "
+                "DistillModule.load_from_checkpoint(path, teacher=teacher_net) (or train with teacher_backbone + "
+                "teacher_checkpoint)"
+            )
+        saved = self.frozen.saved_states(checkpoint, "teacher")
+        if saved and self.teacher is not None:
+            self.teacher.network.load_state_dict(saved[0])

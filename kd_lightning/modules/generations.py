@@ -9,14 +9,15 @@ ensembles they form, and per-generation metric names.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.losses import score_difference
 from kd_lightning.models.registry import create_backbone
-from kd_lightning.modules.distill import DistillModule
+from kd_lightning.modules.distill import KDStudentModule
 from kd_lightning.modules.teacher import FrozenTeacher
 
 __all__ = ["GenerationModule", "eta_from_confidence"]
@@ -47,7 +48,7 @@ def eta_from_confidence(confidence: float, k: int = 5) -> float:
     return 0.0 if confidence == 1.0 else (k - 1) / (k - 1 + k * confidence)
 
 
-class GenerationModule(DistillModule):
+class GenerationModule(KDStudentModule):
     """Generations (Yang et al. 2019): gen 0 (1-eta) CE + eta (f_a1 - mean_{k>1} f_ak) (Eq. 3), gen g: Eq. 4 KD.
 
     A network of a sequence of generations: the patriarch (generation 0), then students of their predecessor.
@@ -61,8 +62,9 @@ class GenerationModule(DistillModule):
       :func:`~kd_lightning.losses.score_difference`). Give :math:`\\eta` as ``patriarch_eta`` or through the paper's
       target confidence :math:`f_{a_1}^{(0)}` as ``patriarch_confidence`` (:func:`eta_from_confidence`); neither: plain
       cross-entropy.
-    * Generation :math:`g \\ge 1` (Eq. 4), :class:`DistillModule`'s loss with the frozen generation :math:`g-1` as
-      teacher: :math:`(1-\\lambda)\\,\\mathrm{CE}(y, f^{(g)}) + \\lambda\\,\\mathrm{KL}(f^{(g-1)} \\,\\|\\, f^{(g)})`,
+    * Generation :math:`g \\ge 1` (Eq. 4), :class:`~kd_lightning.modules.distill.KDStudentModule`'s loss with the
+      frozen generation :math:`g-1` as teacher:
+      :math:`(1-\\lambda)\\,\\mathrm{CE}(y, f^{(g)}) + \\lambda\\,\\mathrm{KL}(f^{(g-1)} \\,\\|\\, f^{(g)})`,
       :math:`\\lambda` = ``alpha``, at ``temperature`` 1 and without :math:`T^2` by default (the paper's form; other
       temperatures and target kinds of the KD family are options). The paper's :math:`\\mathcal{D}(f_{a_1}^{(0)},
       \\lambda)`: ``D(1.0, 0.0)`` is independent training, ``D(1.0, 0.5)`` born-again networks, ``D(0.6, 0.6)`` the
@@ -88,15 +90,13 @@ class GenerationModule(DistillModule):
         alpha: :math:`\\lambda` of Eq. 4.
         temperature: of Eq. 4's KL (1 in the paper).
         t2_scaling: multiply Eq. 4's KL by :math:`T^2` (not in the paper).
-        **kwargs: :class:`DistillModule`'s other arguments (``target_kind`` ...) and :class:`ClassifierModule`'s
-            (``backbone``, ``num_classes``, ``optimizer`` ...). The teachers are the module's own generations: no
-            ``teacher`` / ``teacher_checkpoint``.
+        **kwargs: :class:`~kd_lightning.modules.distill.KDStudentModule`'s other arguments (``target_kind`` ...)
+            and :class:`ClassifierModule`'s (``backbone``, ``num_classes``, ``optimizer`` ...). The teachers are the
+            module's own generations.
 
     Raises:
-        ValueError: both or invalid ``patriarch_*``, ``score_topk`` out of range, or a teacher argument.
+        ValueError: both or invalid ``patriarch_*``, or ``score_topk`` out of range.
     """
-
-    hparams_ignore: ClassVar[tuple[str, ...]] = DistillModule.hparams_ignore
 
     def __init__(
         self,
@@ -109,12 +109,6 @@ class GenerationModule(DistillModule):
         t2_scaling: bool = False,
         **kwargs: Any,
     ) -> None:
-        given = [name for name in ("teacher", "teacher_backbone", "teacher_checkpoint") if kwargs.get(name) is not None]
-        if given:
-            raise ValueError(
-                f"GenerationModule takes no {given[0]}: each generation's teacher is its predecessor (train them with "
-                "the GenerationalKD callback); to distil from an external teacher use DistillModule"
-            )
         super().__init__(alpha=alpha, temperature=temperature, t2_scaling=t2_scaling, **kwargs)
         if patriarch_confidence is not None and patriarch_eta is not None:
             raise ValueError("give the patriarch's tolerance as patriarch_confidence or as patriarch_eta, not both")
@@ -127,21 +121,17 @@ class GenerationModule(DistillModule):
         self.eta = patriarch_eta or 0.0
         #: Epochs of one generation (set by GenerationalKD): the default cosine schedule's length.
         self.generation_epochs: int | None = None
-        self._finished: tuple[FrozenTeacher, ...] = ()  # out of the module tree, as DistillModule's teacher
 
     # ------------------------------------------------------------------------------------------- generations
     @property
     def generation(self) -> int:
         """Index of the generation being trained: 0 for the patriarch."""
-        return len(self._finished)
+        return len(self.finished)
 
     @property
     def finished(self) -> tuple[FrozenTeacher, ...]:
         """The frozen networks of generations ``0 .. generation - 1``; the last is the teacher."""
-        return self._finished
-
-    def frozen_networks(self) -> tuple[nn.Module, ...]:
-        return self._finished  # the teacher is the last of them
+        return self.frozen.get("generations")
 
     def fresh_backbone(self, seed: int | None = None) -> nn.Module:
         """A newly initialised backbone of this module's architecture, from ``seed`` (the global RNG is untouched),
@@ -166,13 +156,14 @@ class GenerationModule(DistillModule):
         """
         snapshot = self.fresh_backbone()
         snapshot.load_state_dict(self.backbone.state_dict())
-        self._adopt_finished((*self._finished, FrozenTeacher(snapshot)))
+        self._adopt_finished((*self.finished, snapshot))
         self.backbone.load_state_dict(self.fresh_backbone(seed).state_dict())
         self.backbone.train()
 
-    def _adopt_finished(self, finished: tuple[FrozenTeacher, ...]) -> None:
-        self._finished = finished
-        self._set_teacher(finished[-1] if finished else None)
+    def _adopt_finished(self, finished: Sequence[nn.Module]) -> None:
+        """The finished generations (saved in checkpoints) and the last of them as the teacher."""
+        finished = self.frozen.set("generations", finished, self.device, save=True)
+        self.set_teacher(finished[-1] if finished else None)
         if self.teacher_cache is not None:  # the cached outputs were the previous teacher's
             self.teacher_cache = type(self.teacher_cache)(self.teacher_cache.k, self.teacher_cache.seed)
 
@@ -194,7 +185,7 @@ class GenerationModule(DistillModule):
         return super().schedule_length()
 
     def on_fit_start(self) -> None:
-        """No warning for the patriarch's missing teacher (DistillModule's): generation 0 has none by design."""
+        """No warning for the patriarch's missing teacher (KDStudentModule's): generation 0 has none by design."""
 
     # --------------------------------------------------------------------------------------------- evaluation
     def eval_log_prefix(self, stage: str) -> str:
@@ -203,7 +194,7 @@ class GenerationModule(DistillModule):
     def eval_outputs(self, x: Tensor) -> dict[str, Tensor]:
         """``main`` and ``ensemble`` (of generations 0..g, when it has two members or more); in a test, also
         ``gen<j>`` and ``ensemble<j>`` of every finished generation ``j``."""
-        logits = [*(network(x) for network in self._finished), self(x)]
+        logits = [*(network(x) for network in self.finished), self(x)]
         log_probs = [z.float().log_softmax(dim=-1) for z in logits]
         start = 0 if self.hparams.ensemble_includes_patriarch else 1
         testing = self._trainer is not None and self.trainer.testing
@@ -226,15 +217,12 @@ class GenerationModule(DistillModule):
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["kd_lightning"]["finished_generations"] = [f.network.state_dict() for f in self._finished]
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The finished generations saved in the checkpoint, and the last of them as the teacher."""
         super().on_load_checkpoint(checkpoint)
         finished = []
-        for state in checkpoint.get("kd_lightning", {}).get("finished_generations", []):
+        for state in self.frozen.saved_states(checkpoint, "generations"):
             network = self.fresh_backbone()
             network.load_state_dict(state)
-            finished.append(FrozenTeacher(network))
-        self._adopt_finished(tuple(finished))
+            finished.append(network)
+        self._adopt_finished(finished)

@@ -32,8 +32,9 @@ class SnapshotDistillModule(StagedDistillModule):
     with ``t`` the snapshot's logits of the same input (:func:`~kd_lightning.losses.kd_kl_div_logits`). Stage 0
     trains with :math:`\\lambda_{CE}\\,\\mathrm{CE}`. The defaults are DUPS's (``T = 6``, 0.8 / 0.2), so the two
     differ only in the teacher signal; SD's own refinements (its choice of temperature per teacher, a partial LR
-    restart) are not reproduced. The teacher (a second copy of the backbone) and ``teacher_stage`` are in the
-    ``state_dict``, so a resumed run distills from the same snapshot. Costs one extra forward per step.
+    restart) are not reproduced. The teacher (a second copy of the backbone) is saved in checkpoints and
+    ``teacher_stage`` is in the ``state_dict``, so a resumed run distills from the same snapshot. Costs one extra
+    forward per step.
 
     Args:
         cyclic_lr: restart the cosine schedule at every stage (SD's schedule).
@@ -43,8 +44,19 @@ class SnapshotDistillModule(StagedDistillModule):
 
     def __init__(self, cyclic_lr: bool = True, **kwargs: Any) -> None:
         super().__init__(cyclic_lr=cyclic_lr, **kwargs)
-        self.teacher = FrozenTeacher(copy.deepcopy(self.backbone))
+        self.frozen.set("teacher", [FrozenTeacher(copy.deepcopy(self.backbone))], save=True)
         self.register_buffer("teacher_stage", torch.zeros((), dtype=torch.long))
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The snapshot: the model at the start of the current stage (held in :attr:`frozen`, saved in checkpoints)."""
+        return self.frozen.first("teacher")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The snapshot a resumed run distils from."""
+        super().on_load_checkpoint(checkpoint)
+        for state in self.frozen.saved_states(checkpoint, "teacher"):
+            self.teacher.network.load_state_dict(state)
 
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): the current weights become the teacher."""

@@ -1,18 +1,19 @@
-"""A frozen network (a teacher, a finished generation): always in eval mode, no gradients, never optimised."""
+"""Frozen networks (a teacher, a finished generation): built, frozen, held outside the module tree, moved with
+the module, saved and restored, in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.checkpoints import read_checkpoint
+from kd_lightning.checkpoints import backbone_weights, frozen_states, read_checkpoint, store_frozen
 from kd_lightning.models.registry import create_backbone
 
-__all__ = ["FrozenTeacher"]
+__all__ = ["FrozenNetworks", "FrozenTeacher"]
 
 
 class FrozenTeacher(nn.Module):
@@ -25,10 +26,8 @@ class FrozenTeacher(nn.Module):
       forward runs under ``torch.no_grad()``.
 
     Build it from an ``nn.Module`` (``FrozenTeacher(net)``) or from a backbone name and a checkpoint
-    (:meth:`from_checkpoint`). A host module best holds it outside its own module tree, as
-    :class:`~kd_lightning.DistillModule` does (see its ``teacher`` property and ``_apply``): then the teacher's weights
-    stay out of the host's ``state_dict`` and checkpoints, DDP does not broadcast its buffers, and Lightning does not
-    warn about a submodule in eval mode.
+    (:meth:`from_checkpoint`). A method module holds it in its :class:`FrozenNetworks` (``module.frozen``), outside
+    its module tree.
 
     Args:
         network: the teacher; ``network(x)`` returns ``(B, K)`` logits.
@@ -63,10 +62,7 @@ class FrozenTeacher(nn.Module):
                 both), or its weights do not fit.
         """
         path = Path(checkpoint)
-        raw = read_checkpoint(path, what="teacher checkpoint")
-        lightning_format = isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict)
-        state = raw["state_dict"] if lightning_format else raw
-        hparams = raw.get("hyper_parameters", {}) if lightning_format else {}
+        state, hparams = backbone_weights(read_checkpoint(path, what="teacher checkpoint"))
         saved = (hparams.get("backbone", backbone), hparams.get("num_classes", num_classes))
         if saved != (backbone, num_classes):
             raise ValueError(
@@ -76,8 +72,6 @@ class FrozenTeacher(nn.Module):
         if backbone_kwargs is None:
             backbone_kwargs = hparams.get("backbone_kwargs") or {}
         network = (factory or _registered_backbone)(backbone, num_classes, backbone_kwargs)
-        if any(key.startswith("backbone.") for key in state):
-            state = {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
         try:
             network.load_state_dict(state)
         except RuntimeError as error:
@@ -105,3 +99,67 @@ class FrozenTeacher(nn.Module):
 
 def _registered_backbone(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     return create_backbone(name, num_classes, **kwargs)
+
+
+class FrozenNetworks:
+    """The frozen networks a module holds outside its module tree, in named groups (``"teacher"``,
+    ``"generations"``): every method with a teacher keeps it here (``ClassifierModule.frozen``).
+
+    Outside the tree a network stays out of the module's ``state_dict()``, out of DDP's buffer broadcasts, out of
+    ``module.train()`` / ``module.apply()`` and of Lightning's eval-mode check; the module's ``_apply`` moves and casts
+    it with the module (:meth:`apply`: ``.to(device)``, ``.half()`` ...). A group set with ``save=True`` is written
+    into the module's checkpoints (:meth:`save`, :func:`~kd_lightning.checkpoints.store_frozen`) and read back by
+    :meth:`saved_states`; the others are rebuilt from the module's hyperparameters.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, tuple[FrozenTeacher, ...]] = {}
+        self._saved: set[str] = set()
+
+    def set(
+        self, name: str, networks: Sequence[nn.Module], device: torch.device | str | None = None, save: bool = False
+    ) -> tuple[FrozenTeacher, ...]:
+        """Hold ``networks`` (each frozen, as a :class:`FrozenTeacher`) as the group ``name``, on ``device``;
+        ``save``: write them into checkpoints. An empty sequence removes the group. Returns the group."""
+        group = tuple(n if isinstance(n, FrozenTeacher) else FrozenTeacher(n) for n in networks)
+        if device is not None:
+            for network in group:
+                network.to(device)
+        self._groups[name] = group
+        self._saved.discard(name)
+        if save:
+            self._saved.add(name)
+        return group
+
+    def get(self, name: str) -> tuple[FrozenTeacher, ...]:
+        """The group ``name`` (empty if unset)."""
+        return self._groups.get(name, ())
+
+    def first(self, name: str) -> FrozenTeacher | None:
+        """The first network of the group ``name``, or None."""
+        group = self.get(name)
+        return group[0] if group else None
+
+    def __iter__(self) -> Iterator[FrozenTeacher]:
+        """Every network held, each once."""
+        seen: set[int] = set()
+        for group in self._groups.values():
+            for network in group:
+                if id(network) not in seen:
+                    seen.add(id(network))
+                    yield network
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> None:
+        """Apply ``fn`` to the tensors of every network (what ``nn.Module._apply`` does for the module's own)."""
+        for network in self:
+            network._apply(fn, recurse)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        """Write the groups set with ``save=True`` into ``checkpoint`` (each network's backbone ``state_dict``)."""
+        for name in sorted(self._saved):
+            store_frozen(checkpoint, name, [network.network.state_dict() for network in self.get(name)])
+
+    @staticmethod
+    def saved_states(checkpoint: dict[str, Any], name: str) -> list[dict[str, Any]]:
+        """The ``state_dict`` of each network of the group ``name`` saved in ``checkpoint`` (empty if none)."""
+        return frozen_states(checkpoint, name)

@@ -15,9 +15,31 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kd_lightning.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from kd_lightning.data import ImageFolderDataModule
+from kd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SIZES = ((48, 40), (40, 56), (64, 48))  # (width, height), cycled
+#: Classes of :func:`write_imagenet` (ImageNet wnids).
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def write_imagenet(root: Path, train_per_class: int = 6, val_per_class: int = 2) -> Path:
+    """``root/train/<wnid>/`` and ``root/val/<wnid>/`` with images of the :data:`WNIDS`, as ImageNet after
+    valprep.sh."""
+    write_class_folders(root / "train", WNIDS, train_per_class)
+    write_class_folders(root / "val", WNIDS, val_per_class)
+    return root
+
+
+def folder_datamodule(root: Path, **kwargs) -> ImageFolderDataModule:
+    """An :class:`ImageFolderDataModule` of ``root`` with 32-pixel crops, batches of 4 and no workers."""
+    return ImageFolderDataModule(**{"root": str(root), "crop_size": 32, "batch_size": 4, "num_workers": 0, **kwargs})
+
+
+def all_batches(loader) -> tuple[Tensor, Tensor]:
+    """All the ``(x, y)`` batches of ``loader``, concatenated."""
+    xs, ys = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def class_color(label: int) -> tuple[int, int, int]:

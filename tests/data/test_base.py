@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
+import re
+import typing
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +14,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kd_lightning.data.base import ClassificationDataModule, TransformedSubset, stratified_split
+from kd_lightning.data.base import (
+    ClassificationDataModule,
+    DataAttribute,
+    DataProtocol,
+    TransformedSubset,
+    data_attribute,
+    stratified_split,
+)
 from kd_lightning.data.transforms import BatchAugment
 
 NUM_CLASSES = 4
@@ -352,3 +363,54 @@ def test_device_augmentation_under_trainer(tmp_path):
 def test_largest_initial_seed_is_accepted():
     dm = ToyDataModule(shuffle_seed=2**64 - 1)
     assert dm.worker_seed_generator.initial_seed() == 0
+
+
+# ------------------------------------------------------------------------------------------------- protocol
+PROTOCOL = set(typing.get_args(DataAttribute))
+PACKAGE = Path(__file__).resolve().parents[2] / "kd_lightning"
+
+
+def test_protocol_members_are_the_data_attribute_names():
+    members = {name for name in vars(DataProtocol) if not name.startswith("_")}
+    assert members == PROTOCOL == {"num_classes", "views", "superclass_map", "device_transform"}
+
+
+def test_classification_datamodules_implement_the_protocol():
+    from kd_lightning.data import DigitsDataModule, SyntheticDataModule
+
+    for dm in (
+        ToyDataModule(),
+        ToyDataModule(views=2),
+        SyntheticDataModule(num_train=8, num_val=0),
+        DigitsDataModule(),
+    ):
+        for name in PROTOCOL:
+            inspect.getattr_static(dm, name)  # defined, without running a property that may read files
+        assert dm.views in (1, 2) and isinstance(dm.num_classes, int)
+        superclass_map = dm.superclass_map
+        assert superclass_map is None or superclass_map.shape == (dm.num_classes,)
+        x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+        assert dm.device_transform((x, torch.zeros(2)), train=False)[0].shape[0] == 2
+
+
+def test_data_attribute_reads_what_is_there():
+    dm = ToyDataModule(views=2)
+    assert data_attribute(dm, "num_classes") == NUM_CLASSES and data_attribute(dm, "views") == 2
+    assert data_attribute(dm, "superclass_map") is None
+    assert data_attribute(None, "num_classes") is None  # a trainer given loaders has no datamodule
+    assert data_attribute(pl.LightningDataModule(), "views") is None  # a datamodule that does not say
+    with pytest.raises(ValueError, match=r"'classes' is not part of DataProtocol: one of \["):
+        data_attribute(dm, "classes")  # type: ignore[arg-type]
+
+
+def test_methods_and_callbacks_read_only_the_protocol_from_datamodules():
+    """Every ``getattr(<datamodule>, "name")`` and ``<datamodule>.name`` in the modules and callbacks is a protocol
+    member or LightningDataModule API (a new read belongs in DataProtocol first)."""
+    allowed = PROTOCOL | {name for name in dir(pl.LightningDataModule) if not name.startswith("_")}
+    reads = set()
+    for path in [*(PACKAGE / "modules").rglob("*.py"), *(PACKAGE / "callbacks").rglob("*.py")]:
+        source = path.read_text()
+        reads |= set(re.findall(r"getattr\([^,()]*datamodule[^,()]*,\s*[\"'](\w+)[\"']", source))
+        reads |= set(re.findall(r"\bdatamodule\.(\w+)", source))
+        reads |= set(re.findall(r"data_attribute\([^,()]*,\s*[\"'](\w+)[\"']", source))
+    assert reads and reads <= allowed, f"read from datamodules outside DataProtocol: {sorted(reads - allowed)}"

@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
-import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from torchvision.transforms import v2
 
 from kd_lightning.data import ImageFolderDataModule
-from kd_lightning.data.imagenet import (
-    SkipUnreadable,
-    UnreadableImageError,
-    imagenet_eval_transform,
-    imagenet_train_transform,
-    load_rgb,
-)
 from kd_lightning.modules import ClassifierModule
-from tests.data.image_fakes import labels_from_pixels, write_class_folders, write_image, write_truncated_jpeg
+from tests.data.image_fakes import (
+    WNIDS,
+    all_batches,
+    labels_from_pixels,
+    write_class_folders,
+    write_image,
+    write_imagenet,
+)
+from tests.data.image_fakes import folder_datamodule as make
 from tests.helpers import fast_trainer
 
-CLASSES = ["n01440764", "n01443537", "n01484850"]
+CLASSES = WNIDS
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
 
 
 @pytest.fixture
 def imagenet(tmp_path) -> Path:
     """``train/<wnid>/`` with 6 images per class and ``val/<wnid>/`` with 2, as ImageNet after valprep.sh."""
-    write_class_folders(tmp_path / "train", CLASSES, TRAIN_PER_CLASS)
-    write_class_folders(tmp_path / "val", CLASSES, VAL_PER_CLASS)
-    return tmp_path
+    return write_imagenet(tmp_path, TRAIN_PER_CLASS, VAL_PER_CLASS)
 
 
 @pytest.fixture
@@ -40,15 +35,6 @@ def custom(tmp_path) -> Path:
     """A custom dataset: class folders directly under the root, 6 images each."""
     write_class_folders(tmp_path, ["cat", "dog", "fox"], TRAIN_PER_CLASS)
     return tmp_path
-
-
-def make(root: Path, **kwargs) -> ImageFolderDataModule:
-    return ImageFolderDataModule(**{"root": str(root), "crop_size": 32, "batch_size": 4, "num_workers": 0, **kwargs})
-
-
-def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader, strict=True)
-    return torch.cat(xs), torch.cat(ys)
 
 
 def test_imagenet_layout_shapes_labels_and_sizes(imagenet):
@@ -68,24 +54,12 @@ def test_imagenet_layout_shapes_labels_and_sizes(imagenet):
     assert torch.equal(all_batches(dm.test_dataloader())[0], x)  # evaluation is deterministic
 
 
-def test_val_folder_may_lack_classes_and_keeps_training_indices(tmp_path):
+def test_test_folder_may_lack_classes_and_keeps_training_indices(tmp_path):
     write_class_folders(tmp_path / "train", CLASSES, 2)
     write_image(tmp_path / "val" / CLASSES[2] / "only.jpg", 2)
     dm = make(tmp_path)
     dm.setup("test")
     assert [dm.test_set[i][1] for i in range(len(dm.test_set))] == [2]
-
-
-def test_transforms_are_the_imagenet_ones():
-    train = [type(t) for t in imagenet_train_transform().transforms]
-    assert train[:2] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
-    resize, crop = imagenet_eval_transform().transforms[:2]
-    assert (resize.size, crop.size) == ([256], (224, 224))  # shorter side 256, central 224 crop
-    resize, crop = imagenet_eval_transform(32).transforms[:2]
-    assert (resize.size, crop.size) == ([37], (32, 32))  # the 256/224 ratio kept for small crops
-    caffe = imagenet_train_transform(224, augmentation="caffe").transforms
-    assert (caffe[0].size, type(caffe[1]), caffe[1].size) == ([256, 256], v2.RandomCrop, (224, 224))
-    assert imagenet_eval_transform(224, augmentation="caffe").transforms[0].size == [256, 256]
 
 
 @pytest.mark.parametrize("augmentation", ["inception", "caffe"])
@@ -98,7 +72,7 @@ def test_both_augmentations_give_crops_of_their_class(imagenet, augmentation):
 def test_custom_folder_seeded_stratified_splits(custom):
     dm = make(custom, test_size=3, val_size=3)
     dm.setup()
-    assert dm.classes == ["cat", "dog", "fox"] and dm.val_folder is None
+    assert dm.classes == ["cat", "dog", "fox"] and dm.test_folder is None
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 3, 3)
     test_labels = [dm.test_set[i][1] for i in range(3)]
     val_labels = [dm.val_set[i][1] for i in range(3)]
@@ -154,78 +128,6 @@ def test_validate_on_test_set_and_fit(imagenet, tmp_path):
     assert trainer.state.finished and "val/acc1" in trainer.callback_metrics
 
 
-def test_load_rgb_converts_every_mode(tmp_path):
-    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")):
-        path = tmp_path / f"img_{mode}.{fmt.lower()}"
-        Image.new(mode, (9, 7)).save(path, fmt)
-        img = load_rgb(path)
-        assert (img.mode, img.size) == ("RGB", (9, 7))
-
-
-def write_broken_files(root: Path) -> tuple[Path, Path]:
-    """A truncated JPEG and a text file named .jpg, in the first training class."""
-    truncated = write_truncated_jpeg(root / "train" / CLASSES[0] / "img_100_truncated.jpg")
-    text = root / "train" / CLASSES[0] / "img_101_notes.jpg"
-    text.write_text("not an image")
-    return truncated, text
-
-
-def test_unreadable_images_are_skipped_with_a_warning(imagenet):
-    truncated, text = write_broken_files(imagenet)
-    dm = make(imagenet)
-    dm.setup("fit")
-    assert isinstance(dm.train_set, SkipUnreadable) and len(dm.train_set) == 20
-    with pytest.warns(
-        UserWarning, match=r"cannot read image .*img_10[01]_.*\.jpg.*replaced by the next readable"
-    ) as rec:
-        x, y = all_batches(dm.train_dataloader())
-    assert x.shape == (20, 3, 32, 32) and torch.equal(labels_from_pixels(x), y)  # full batches, true labels
-    named = " ".join(str(w.message) for w in rec)
-    assert str(truncated) in named and str(text) in named
-    assert len(dm.train_set.unreadable) == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # known bad samples are not decoded (nor warned about) again
-        all_batches(dm.train_dataloader())
-
-
-def test_everything_unreadable_is_an_error(tmp_path):
-    for k, name in enumerate(["a", "a", "b"]):
-        (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / f"{k}.jpg").write_bytes(b"\xff\xd8 junk")
-    dm = make(tmp_path)
-    dm.setup("fit")
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(RuntimeError, match="3 consecutive samples from index 0 are unreadable"),
-    ):
-        dm.train_set[0]
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_strict_raises_naming_the_file(imagenet, num_workers):
-    truncated = write_truncated_jpeg(imagenet / "train" / CLASSES[1] / "img_100_truncated.jpg")
-    dm = make(imagenet, strict=True, num_workers=num_workers, batch_size=32)
-    with pytest.raises(UnreadableImageError, match=re.escape(str(truncated)) + ": OSError: .*[Tt]runcated"):
-        all_batches(dm.train_dataloader())
-
-
-def test_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"dataset folder .*nowhere does not exist"):
-        make(tmp_path / "nowhere").setup()
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"dataset folder .*empty is empty: expected one sub-folder of images per"):
-        make(tmp_path / "empty").setup()
-    for k in range(3):
-        write_image(tmp_path / "flat" / f"ILSVRC2012_val_{k:08d}.JPEG", 0)
-    with pytest.raises(ValueError, match=r"holds 3 images but no class sub-folders: .*valprep\.sh"):
-        make(tmp_path / "flat").setup()
-    write_class_folders(tmp_path / "holes" / "train", ["a", "b"], 1)
-    (tmp_path / "holes" / "train" / "c").mkdir()
-    (tmp_path / "holes" / "train" / "c" / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match=r"1 class folder\(s\) of training folder .*train hold no image: .*train/c "):
-        make(tmp_path / "holes").setup()
-
-
 @pytest.mark.parametrize("train_dir", ["", "train"])
 def test_single_class_is_an_error(tmp_path, train_dir):
     write_class_folders(tmp_path / train_dir, ["cat"], 2)
@@ -236,15 +138,15 @@ def test_single_class_is_an_error(tmp_path, train_dir):
         make(tmp_path).num_classes  # noqa: B018 (what the model's num_classes check reads)
 
 
-def test_val_folder_without_train_folder(tmp_path):
+def test_test_folder_without_train_folder(tmp_path):
     write_class_folders(tmp_path / "val", CLASSES, 1)
     with pytest.raises(ValueError, match=r"has a 'val' folder but no 'train' folder: put the training images in"):
         make(tmp_path).setup()
 
 
-def test_val_folder_errors(imagenet):
+def test_test_folder_errors(imagenet):
     write_image(imagenet / "val" / "n99999999" / "x.jpg", 0)
-    with pytest.raises(ValueError, match=r"validation folder .*val has 1 class folder\(s\) .* lacks: n99999999"):
+    with pytest.raises(ValueError, match=r"test folder .*val has 1 class folder\(s\) .* lacks: n99999999"):
         make(imagenet).setup("test")
 
 
@@ -281,3 +183,61 @@ def test_argument_errors(tmp_path, kwargs, match):
 def test_default_workers_are_bounded():
     dm = ImageFolderDataModule()
     assert 1 <= dm.num_workers <= 8 and dm.pin_memory == torch.cuda.is_available()
+
+
+def test_custom_test_dir(tmp_path):
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_class_folders(tmp_path / "held_out", CLASSES, 1)
+    dm = make(tmp_path, test_dir="held_out")
+    dm.setup("test")
+    assert dm.test_folder == str(tmp_path / "held_out") and len(dm.test_set) == 3
+
+
+def test_val_dir_is_a_deprecated_alias_of_test_dir(tmp_path):
+    write_class_folders(tmp_path / "train", CLASSES, 2)
+    write_class_folders(tmp_path / "held_out", CLASSES, 1)
+    with pytest.warns(FutureWarning, match="val_dir is deprecated .*: use test_dir"):
+        dm = make(tmp_path, val_dir="held_out")
+    assert dm.test_dir == "held_out"
+    with pytest.warns(FutureWarning, match="val_folder is deprecated .*: use test_folder"):
+        assert dm.val_folder == dm.test_folder == str(tmp_path / "held_out")
+    with pytest.warns(FutureWarning, match="val_dir is deprecated .*: use test_dir"):
+        assert dm.val_dir == "held_out"
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(ValueError, match="val_dir='a' is the old name of test_dir='b': give only test_dir"),
+    ):
+        make(tmp_path, val_dir="a", test_dir="b")
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")
+def test_val_dir_in_a_config_still_runs(imagenet, tmp_path):
+    """A config saved before the rename (``val_dir: val``) still runs, with the warning naming test_dir."""
+    from kd_lightning.cli import main
+
+    config = tmp_path / "old.yaml"
+    data = f"{{root: {imagenet}, val_dir: val, crop_size: 32, batch_size: 4, num_workers: 0}}"
+    config.write_text(
+        "model: {class_path: kd_lightning.ClassifierModule, init_args: {backbone: resnet8_w8, num_classes: 3}}\n"
+        f"data: {{class_path: kd_lightning.ImageFolderDataModule, init_args: {data}}}\n"
+    )
+    run = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_test_batches=1"]
+    with pytest.warns(FutureWarning, match="val_dir is deprecated .*: use test_dir"):
+        cli = main(
+            ["fit", "--config", str(config), *run, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+        )
+    assert cli.datamodule.test_dir == "val" and cli.trainer.state.finished
+
+
+def test_names_moved_to_image_files_and_transforms_still_import_with_a_warning():
+    import kd_lightning.data.image_files as image_files
+    import kd_lightning.data.imagenet as imagenet
+    import kd_lightning.data.transforms as transforms
+
+    with pytest.warns(FutureWarning, match=r"imagenet\.load_rgb moved to kd_lightning\.data\.image_files\.load_rgb"):
+        assert imagenet.load_rgb is image_files.load_rgb
+    with pytest.warns(FutureWarning, match="moved to kd_lightning.data.transforms.IMAGENET_MEAN"):
+        from kd_lightning.data.imagenet import IMAGENET_MEAN
+    assert IMAGENET_MEAN is transforms.IMAGENET_MEAN
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        imagenet.nothing  # noqa: B018

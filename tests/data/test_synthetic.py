@@ -132,3 +132,9 @@ def test_errors():
         SyntheticDataModule(num_val=-1)
     with pytest.raises(ValueError, match="data_seed must be >= 0, got -1"):
         SyntheticDataModule(data_seed=-1)
+
+
+def test_views_is_deprecated_and_single():
+    assert SyntheticDataModule(num_train=8, num_val=0, num_test=8).views == 1
+    with pytest.warns(FutureWarning, match="SyntheticDataModule's views is deprecated .*remove it from the config"):
+        assert SyntheticDataModule(views=1).views == 1

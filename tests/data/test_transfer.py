@@ -12,7 +12,7 @@ import torchvision.datasets.flowers102 as tv_flowers
 
 import kd_lightning.data.transfer as transfer
 from kd_lightning.data import CUB200DataModule, DTDDataModule, FGVCAircraftDataModule, Flowers102DataModule
-from kd_lightning.data.imagenet import SkipUnreadable
+from kd_lightning.data.image_files import SkipUnreadable
 from kd_lightning.models.torchvision_models import resolve_weights
 from tests.data.image_fakes import (
     AIRCRAFT,

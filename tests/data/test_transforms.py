@@ -14,6 +14,8 @@ from kd_lightning.data.transforms import (
     cifar_stats,
     cifar_train_transform,
     eval_transform,
+    imagenet_eval_transform,
+    imagenet_train_transform,
     train_transform,
 )
 
@@ -134,3 +136,15 @@ def test_batch_augment_errors():
         BatchAugment(CIFAR10_MEAN, CIFAR10_STD, padding=-1)
     with pytest.raises(ValueError, match="one value per channel, got 3 and 1"):
         BatchAugment(CIFAR10_MEAN, (0.2,))
+
+
+def test_transforms_are_the_imagenet_ones():
+    train = [type(t) for t in imagenet_train_transform().transforms]
+    assert train[:2] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+    resize, crop = imagenet_eval_transform().transforms[:2]
+    assert (resize.size, crop.size) == ([256], (224, 224))  # shorter side 256, central 224 crop
+    resize, crop = imagenet_eval_transform(32).transforms[:2]
+    assert (resize.size, crop.size) == ([37], (32, 32))  # the 256/224 ratio kept for small crops
+    caffe = imagenet_train_transform(224, augmentation="caffe").transforms
+    assert (caffe[0].size, type(caffe[1]), caffe[1].size) == ([256, 256], v2.RandomCrop, (224, 224))
+    assert imagenet_eval_transform(224, augmentation="caffe").transforms[0].size == [256, 256]

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning import ClassifierModule, DistillModule, FrozenTeacher, RNGStateCheckpoint, load_module
+from kd_lightning.checkpoints import frozen_states
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.losses import kd_kl_div
 from kd_lightning.models.registry import create_backbone
@@ -95,7 +96,7 @@ def test_no_teacher_trains_with_cross_entropy_and_warns(tmp_path, tiny_synthetic
     assert set(module.training_losses(_batch())) == {"ce"}
     module.set_teacher(create_backbone("mlp", C, **TEACHER_KWARGS))
     assert set(module.training_losses(_batch())) == {"ce", "kd"}
-    assert module.hparams.teacher == "<nn.Module passed from Python>"
+    assert module.teacher_from_python and "teacher" not in module.hparams
 
 
 def test_rel_without_superclass_map_fails(tmp_path):
@@ -216,10 +217,32 @@ def test_save_teacher_writes_its_weights(tmp_path, teacher_ckpt, tiny_synthetic)
     trainer.fit(module, datamodule=tiny_synthetic)
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     saved = torch.load(tmp_path / "student.ckpt", weights_only=False)
-    assert sum(k.startswith("teacher.") for k in saved["state_dict"]) == len(module.teacher.state_dict())
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"])
+    (teacher_state,) = frozen_states(saved, "teacher")
+    assert teacher_state.keys() == module.teacher.network.state_dict().keys()
     # the saved weights replace those of the teacher given at load time
     fresh = create_backbone("mlp", C, **TEACHER_KWARGS)
     loaded = load_module(tmp_path / "student.ckpt", teacher=fresh, teacher_backbone=None, teacher_checkpoint=None)
+    for key, value in module.teacher.state_dict().items():
+        assert torch.equal(loaded.teacher.state_dict()[key], value), key
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_its_saved_teacher(tmp_path, teacher_ckpt, tiny_synthetic):
+    """Earlier versions saved the teacher as ``teacher.network.*`` keys of the state_dict and recorded a teacher
+    object as a string in the hyperparameters: :func:`~kd_lightning.checkpoints.upgrade` reads both."""
+    module = _student(teacher_ckpt, save_teacher=True)
+    trainer = fast_trainer(tmp_path, fast_dev_run=True)
+    trainer.fit(module, datamodule=tiny_synthetic)
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    saved = torch.load(tmp_path / "student.ckpt", weights_only=False)
+    (teacher_state,) = saved["kd_lightning"].pop("frozen")["teacher"]
+    saved["state_dict"].update({f"teacher.network.{key}": value for key, value in teacher_state.items()})
+    saved["hyper_parameters"].update(teacher="<nn.Module passed from Python>", teacher_backbone=None)
+    saved["hyper_parameters"]["teacher_checkpoint"] = None
+    torch.save(saved, tmp_path / "earlier.ckpt")
+    with pytest.raises(ValueError, match=r"teacher passed as an nn.Module"):
+        load_module(tmp_path / "earlier.ckpt")
+    loaded = load_module(tmp_path / "earlier.ckpt", teacher=create_backbone("mlp", C, **TEACHER_KWARGS))
     for key, value in module.teacher.state_dict().items():
         assert torch.equal(loaded.teacher.state_dict()[key], value), key
 

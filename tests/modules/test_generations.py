@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning import GenerationModule, load_module
+from kd_lightning.checkpoints import write_module_checkpoint
 from kd_lightning.losses import score_difference
 from kd_lightning.modules.generations import eta_from_confidence
 from tests.helpers import TINY_SYNTHETIC, tiny_mlp_kwargs
@@ -179,18 +180,33 @@ def test_checkpoint_holds_every_generation(tmp_path):
     module = _module(patriarch_confidence=0.6)
     module.start_next_generation(seed=1)
     module.start_next_generation(seed=2)
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    checkpoint["pytorch-lightning_version"] = "2.6.6"
-    path = tmp_path / "gen.ckpt"
-    torch.save(checkpoint, path)
-    restored = load_module(path)
+    restored = load_module(write_module_checkpoint(tmp_path / "gen.ckpt", module))
     assert isinstance(restored, GenerationModule) and restored.generation == 2
-    assert restored.hparams.get("teacher") is None  # nothing asks for a teacher object on load
+    assert "teacher" not in restored.hparams  # no teacher option: the teachers are the generations
     x, _ = _batch()
     for a, b in zip(module.finished, restored.finished, strict=True):
         assert torch.equal(a(x), b(x))
     assert torch.equal(restored.eval_outputs(x)["ensemble"], module.eval_outputs(x)["ensemble"])
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_every_generation(tmp_path):
+    """Earlier versions saved the generations as ``kd_lightning.finished_generations`` and GenerationModule had
+    teacher options (always None): :func:`~kd_lightning.checkpoints.upgrade` reads such a checkpoint."""
+    module = _module(patriarch_confidence=0.6)
+    module.start_next_generation(seed=1)
+    path = write_module_checkpoint(tmp_path / "gen.ckpt", module)
+    saved = torch.load(path, weights_only=False)
+    saved["kd_lightning"]["finished_generations"] = saved["kd_lightning"].pop("frozen")["generations"]
+    saved["hyper_parameters"].update(teacher=None, teacher_backbone=None, teacher_checkpoint=None, save_teacher=False)
+    torch.save(saved, path)
+    restored = load_module(path)
+    x, _ = _batch()
+    assert restored.generation == 1 and torch.equal(restored.teacher(x), module.teacher(x))
+
+
+def test_no_teacher_option():
+    with pytest.raises(TypeError, match="teacher"):
+        GenerationModule(**tiny_mlp_kwargs(), teacher=torch.nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -202,8 +218,6 @@ def test_checkpoint_holds_every_generation(tmp_path):
         ({"patriarch_confidence": 0.05}, r"in \[1/K, 1\]"),
         ({"score_topk": 1}, "score_topk must be in"),
         ({"score_topk": 7}, "score_topk must be in"),
-        ({"teacher": torch.nn.Linear(2, 2)}, "takes no teacher"),
-        ({"teacher_backbone": "mlp", "teacher_checkpoint": "x.ckpt"}, "takes no teacher_backbone"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from kd_lightning import (
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.metrics import peer_diversity
 from kd_lightning.models.registry import create_backbone
-from kd_lightning.modules.okddip import sigmoid_rampup
+from kd_lightning.modules.student_group import sigmoid_rampup
 from tests.helpers import TINY_SYNTHETIC, fast_trainer
 
 IN, C = TINY_SYNTHETIC["input_dim"], TINY_SYNTHETIC["num_classes"]
@@ -303,7 +304,7 @@ def test_fit_logs_every_output_and_exports_the_leader(tmp_path):
         (OKDDipModule, {"aggregate": "features"}, r"aggregate must be 'probs' or 'logits', got 'features'"),
         (OKDDipModule, {"aggregation": "self", "detach_targets": True}, r"aggregation='self' with detach_targets"),
         (OKDDipModule, {"num_students": 2}, r"num_students must be >= 3 with a leader, got 2"),
-        (OKDDipModule, {"num_students": 1, "leader": False}, r"num_students must be >= 2 without a leader, got 1"),
+        (OKDDipModule, {"num_students": 1, "leader": False}, r"num_students must be >= 2, got 1"),
         (OKDDipModule, {"inference_peer": 0}, r"inference_peer is for leader=False"),
         (OKDDipModule, {"leader": False, "inference_peer": 4}, r"inference_peer must be in \[0, 3\], got 4"),
         (OKDDipModule, {"teacher_backbone": "mlp"}, r"teacher_backbone and teacher_checkpoint go together"),
@@ -318,6 +319,42 @@ def test_errors(cls, kwargs, match):
 def test_one_needs_a_trunk():
     with pytest.raises(ValueError, match=r"ONE is branch-based only: its gate reads the shared trunk"):
         ONEModule(**MLP, network_based=True)
+
+
+def test_one_has_no_network_based_option_and_ignores_a_false_one_with_a_warning():
+    assert "network_based" not in _make(ONEModule).hparams
+    with pytest.warns(FutureWarning, match=r"ONEModule has no network_based option any more"):
+        module = _make(ONEModule, network_based=False)  # as in checkpoints and configs of earlier versions
+    assert module.group.trunk is not None and "network_based" not in module.hparams
+
+
+def test_a_one_checkpoint_of_an_earlier_version_loads(tmp_path):
+    """Earlier versions recorded ``kd_lightning.modules.okddip.ONEModule`` and ``network_based=False``."""
+    module = _make(ONEModule, num_students=3)
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": {**module.hparams, "network_based": False},
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["kd_lightning"]["class_path"] = "kd_lightning.modules.okddip.ONEModule"
+    torch.save(checkpoint, tmp_path / "one.ckpt")
+    with pytest.warns(FutureWarning):
+        loaded = load_module(tmp_path / "one.ckpt").eval()
+    x, _ = _batch()
+    assert type(loaded) is ONEModule and torch.allclose(loaded(x), module(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["StudentGroupModule", "DMLModule", "ONEModule", "CLILRModule", "sigmoid_rampup"])
+def test_moved_names_are_still_found_in_okddip_with_a_warning(name):
+    """The class paths recorded by earlier checkpoints and configs (``kd_lightning.modules.okddip.DMLModule`` ...)."""
+    from kd_lightning.modules import group_baselines, okddip, student_group
+
+    with pytest.warns(FutureWarning, match=rf"kd_lightning\.modules\.okddip\.{name} moved to kd_lightning\.modules\."):
+        moved = getattr(okddip, name)
+    assert moved is getattr(student_group, name, None) or moved is getattr(group_baselines, name)
+    with pytest.raises(AttributeError, match=r"module 'kd_lightning.modules.okddip' has no attribute 'Nothing'"):
+        okddip.Nothing  # noqa: B018
 
 
 def test_benchmark_rows_build_the_groups_they_compare():

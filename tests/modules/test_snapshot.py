@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from kd_lightning import FrozenTeacher, RNGStateCheckpoint, SnapshotDistillModule, load_module
+from kd_lightning import RNGStateCheckpoint, SnapshotDistillModule, load_module
 from kd_lightning.data import SyntheticDataModule
 from tests.helpers import TINY_SYNTHETIC, fast_trainer, tiny_mlp_kwargs
 from tests.modules.test_dups import FixedLogits, _kl
@@ -26,7 +26,7 @@ def test_kd_term_matches_hand_computation():
     student, teacher = [[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]], [[0.0, 3.0, 1.0], [2.0, -1.0, 0.0]]
     module = InStageOne(backbone="mlp", num_classes=3, temperature=2.0)
     module.backbone = FixedLogits(torch.tensor(student))
-    module.teacher = FrozenTeacher(FixedLogits(torch.tensor(teacher)))
+    module.frozen.set("teacher", [FixedLogits(torch.tensor(teacher))])
     losses = module.training_losses((torch.zeros(2, 1), torch.tensor([0, 1])))
 
     def softmax(z: list[float]) -> list[float]:
