@@ -1,4 +1,4 @@
-"""The loss of a DUPS distillation step alone: ``losses.cross_entropy_and_kd`` against plain ``F.cross_entropy``.
+"""The loss of a DUPS distillation step alone: ``fused.cross_entropy_and_kd`` against plain ``F.cross_entropy``.
 
 Each row runs an output layer (``(N, H) @ (H, C)``), its loss and the backward through both, on the same random
 batch: ``ce`` (``F.cross_entropy``, the language model's own loss), ``fused_dense`` (CE + KD against the rows of a
@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.losses import KDSettings
 from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 
 
@@ -26,10 +27,10 @@ def build_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """The three timed functions, on one random batch and output layer; the tables' own ``ce_and_kd_loss``."""
     gen = torch.Generator().manual_seed(0)
     n, c, t = args.rows, args.classes, args.temperature
-    dense = ClassTargetTable(c, t)
+    dense = ClassTargetTable(c, KDSettings(t, ce_weight=0.8, kd_weight=0.2))
     dense.targets.copy_(torch.rand(c, c, generator=gen) ** 8)
     dense.targets /= dense.targets.sum(1, keepdim=True)
-    topk = TopKClassTargetTable(c, t, args.topk)
+    topk = TopKClassTargetTable(c, dense.settings, args.topk)
     kept = dense.targets.topk(args.topk, dim=1)
     topk.values.copy_(kept.values)
     topk.indices.copy_(kept.indices)
@@ -43,7 +44,7 @@ def build_rows(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
     def fused(table: ClassTargetTable | TopKClassTargetTable) -> Callable[[], None]:
         def run() -> None:
-            sum(table.ce_and_kd_loss(hidden @ weight.t(), labels, t, ce_weight=0.8, kd_weight=0.2)).backward()
+            sum(table.ce_and_kd_loss(hidden @ weight.t(), labels)).backward()
 
         return run
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kd_lightning.losses import KDSettings
+
 __all__ = ["SparseTargets", "cross_entropy_and_kd", "expand_sparse_targets", "sparse_neg_entropy"]
 
 
@@ -42,11 +44,7 @@ def cross_entropy_and_kd(
     targets: Callable[[slice], Tensor] | SparseTargets,
     target_neg_entropy: Tensor,
     target_mass: Tensor,
-    temperature: float,
-    t2_scaling: bool = True,
-    label_smoothing: float = 0.0,
-    ce_weight: float = 1.0,
-    kd_weight: float = 1.0,
+    settings: KDSettings,
     chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The weighted CE and KD terms of one batch in one pass over its logits: ``(ce_weight * CE, kd_weight * KD)``.
@@ -81,11 +79,7 @@ def cross_entropy_and_kd(
             the batch's :data:`SparseTargets` (never expanded: the KL needs their entries and :math:`\sum_c z_c`).
         target_neg_entropy: ``(B,)`` :math:`\sum_c \rho_c \log \rho_c` of each row's target.
         target_mass: ``(B,)`` :math:`|\rho_i|`.
-        temperature: ``T > 0``.
-        t2_scaling: multiply the KD term by :math:`T^2`.
-        label_smoothing: :math:`\epsilon` of the CE term.
-        ce_weight: factor of the CE term.
-        kd_weight: factor of the KD term.
+        settings: ``T``, the :math:`T^2` flag, :math:`\epsilon` of the CE term and the two terms' weights.
         chunk_elements: about this many logits per chunk; None: ``2**18`` on CPU (a chunk and its scratch fit in
             a core's L2), the whole batch on an accelerator (where chunks would only add kernel launches).
     """
@@ -94,7 +88,7 @@ def cross_entropy_and_kd(
         labels,
         target_mass,
         target_neg_entropy,
-        _FusedPass(targets, temperature, t2_scaling, label_smoothing, ce_weight, kd_weight, chunk_elements),
+        _FusedPass(targets, settings, chunk_elements),
     )
 
 
@@ -102,29 +96,22 @@ class _FusedPass(NamedTuple):
     """The settings of one :func:`cross_entropy_and_kd` call (kept for the backward's recomputation)."""
 
     targets: Callable[[slice], Tensor] | SparseTargets
-    temperature: float
-    t2_scaling: bool
-    label_smoothing: float
-    ce_weight: float
-    kd_weight: float
+    settings: KDSettings
     chunk_elements: int | None
-
-    def kd_factor(self) -> float:
-        """The factor of the mean KL in the KD term: :math:`T^2` or 1."""
-        return self.temperature**2 if self.t2_scaling else 1.0
 
     def gradient_scales(self, batch: int, ce_out: float = 1.0, kd_out: float = 1.0) -> tuple[float, float]:
         """The factors of :math:`s - \\bar y` and of :math:`|\\rho| \\mathrm{softmax}(z/T) - \\rho` in the gradient
         of ``ce_out * ce_weight * CE + kd_out * kd_weight * KD``."""
-        kd = kd_out * self.kd_weight * self.kd_factor() / (self.temperature * batch)
-        return ce_out * self.ce_weight / batch, kd
+        settings = self.settings
+        kd = kd_out * settings.kd_weight * settings.kd_factor / (settings.temperature * batch)
+        return ce_out * settings.ce_weight / batch, kd
 
     def run(self, z: Tensor, labels: Tensor, mass: Tensor, ce_scale: float, kd_scale: float) -> tuple[Tensor, ...]:
         """One pass over the float32 logits ``z``: the ``(B, C)`` gradient
         ``ce_scale * (s - ybar) + kd_scale * (|rho| softmax(z/T) - rho)`` and, per row, :math:`\\log\\sum_c e^{z_c}`,
         :math:`\\log\\sum_c e^{z_c/T}` and :math:`\\rho \\cdot z`."""
         batch, classes = z.shape
-        t = self.temperature
+        t = self.settings.temperature
         grad = torch.empty_like(z)
         chunk = self.chunk_elements or (2**18 if z.device.type == "cpu" else batch * classes)
         step = max(1, min(batch, chunk // classes))
@@ -163,7 +150,7 @@ class _FusedPass(NamedTuple):
             g.addcmul_(exp, ce_scale / exp_total)
         if not dense:
             dot = rest * dot + (spikes * z.gather(1, indices)).sum(1, keepdim=True)
-        smoothing = self.label_smoothing
+        smoothing = self.settings.label_smoothing
         if smoothing:
             grad.sub_(ce_scale * smoothing / classes)
         grad.scatter_add_(1, labels[:, None], grad.new_full((batch, 1), ce_scale * (smoothing - 1.0)))
@@ -197,12 +184,13 @@ class _CrossEntropyAndKD(torch.autograd.Function):
             z = logits.detach().float()
             grad, lse, lse_soft, dot = fused.run(z, labels, mass, *fused.gradient_scales(len(z)))
             nll = lse - z.gather(1, labels[:, None]).squeeze(1)
-            if fused.label_smoothing:
-                nll = (1 - fused.label_smoothing) * nll + fused.label_smoothing * (lse - z.mean(1))
-            kl = neg_entropy.float() + mass.float() * lse_soft - dot / fused.temperature
+            settings = fused.settings
+            if settings.label_smoothing:
+                nll = (1 - settings.label_smoothing) * nll + settings.label_smoothing * (lse - z.mean(1))
+            kl = neg_entropy.float() + mass.float() * lse_soft - dot / settings.temperature
         ctx.grad, ctx.fused, ctx.dtype = grad, fused, logits.dtype  # the buffer: not saved, handed on in place
         ctx.save_for_backward(logits, labels, mass)
-        return fused.ce_weight * nll.mean(), fused.kd_weight * fused.kd_factor() * kl.mean()
+        return settings.ce_weight * nll.mean(), settings.kd_weight * settings.kd_factor * kl.mean()
 
     @staticmethod
     @once_differentiable

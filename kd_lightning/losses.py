@@ -9,11 +9,14 @@ Every function computes its softmax / log-softmax / KL in float32 (also under mi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "KDSettings",
     "aggregate_targets",
     "attention_weights",
     "empirical_mmd",
@@ -24,6 +27,47 @@ __all__ = [
     "score_difference",
     "soft_cross_entropy",
 ]
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """The settings of a weighted CE + KD loss, which travel together from a module to its loss and targets.
+
+    .. math:: \\mathcal{L} = w_{CE}\\,\\mathrm{CE}_\\epsilon(z, y)
+        + w_{KD}\\, [T^2]\\, \\mathrm{KL}\\big(\\rho \\,\\|\\, \\mathrm{softmax}(z / T)\\big)
+
+    One frozen object, so the temperature that softens the targets (a DUPS class table's) and the loss's cannot
+    drift apart.
+
+    Args:
+        temperature: ``T > 0``.
+        t2_scaling: multiply the KD term by :math:`T^2` (Hinton et al.'s convention).
+        label_smoothing: :math:`\\epsilon \\in [0, 1)` of the CE term.
+        ce_weight: :math:`w_{CE} \\ge 0`.
+        kd_weight: :math:`w_{KD} \\ge 0`.
+
+    Raises:
+        ValueError: a value out of range.
+    """
+
+    temperature: float
+    t2_scaling: bool = True
+    label_smoothing: float = 0.0
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ce_weight < 0 or self.kd_weight < 0:
+            raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight} and {self.kd_weight}")
+
+    @property
+    def kd_factor(self) -> float:
+        """The factor of the mean KL in the KD term: :math:`T^2`, or 1 without ``t2_scaling``."""
+        return self.temperature**2 if self.t2_scaling else 1.0
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

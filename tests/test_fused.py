@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kd_lightning.fused import cross_entropy_and_kd, expand_sparse_targets, sparse_neg_entropy
-from kd_lightning.losses import kd_kl_div
+from kd_lightning.losses import KDSettings, kd_kl_div
 
 
 def _ce_and_kd_case(num_classes: int = 30, batch: int = 23):
@@ -58,12 +58,11 @@ def test_sparse_targets_by_hand_and_against_the_dense_kl():
     torch.testing.assert_close(grad, 3.0 * (torch.softmax(z.detach() / 3.0, -1) - dense) / 6)
 
 
-def _fused(z, y, table, t, weights=(1.0, 1.0), **kwargs):
+def _fused(z, y, table, t, weights=(1.0, 1.0), chunk_elements=None, **settings):
     """cross_entropy_and_kd against the rows of a dense table."""
     stats = torch.xlogy(table, table).sum(-1)[y], table.sum(-1)[y]
-    return cross_entropy_and_kd(
-        z, y, lambda rows: table[y[rows]], *stats, t, ce_weight=weights[0], kd_weight=weights[1], **kwargs
-    )
+    settings = KDSettings(t, ce_weight=weights[0], kd_weight=weights[1], **settings)
+    return cross_entropy_and_kd(z, y, lambda rows: table[y[rows]], *stats, settings, chunk_elements)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -136,10 +135,7 @@ def test_cross_entropy_and_kd_with_sparse_targets_equals_their_dense_rows(label_
         (v, i, r),
         sparse_neg_entropy(v, r, 30),
         v.sum(-1) + 26 * r,
-        3.0,
-        label_smoothing=label_smoothing,
-        ce_weight=0.8,
-        kd_weight=0.2,
+        KDSettings(3.0, label_smoothing=label_smoothing, ce_weight=0.8, kd_weight=0.2),
         chunk_elements=100,
     )
     (ce + kd).backward()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kd_lightning.losses import (
+    KDSettings,
     aggregate_targets,
     attention_weights,
     empirical_mmd,
@@ -230,3 +231,24 @@ def test_attention_projection_gradient_matches_finite_differences():
             numeric.view(-1)[index] = (up - down) / (2 * eps)
         assert grad.abs().max() > 1e-3
         assert torch.allclose(grad, numeric, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 2.0, "label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+        ({"temperature": 2.0, "ce_weight": -1.0}, "ce_weight and kd_weight must be >= 0"),
+        ({"temperature": 2.0, "kd_weight": -1.0}, "ce_weight and kd_weight must be >= 0"),
+    ],
+)
+def test_kd_settings_refuse_values_out_of_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KDSettings(**kwargs)
+
+
+def test_kd_settings_are_frozen_and_give_the_kd_factor():
+    settings = KDSettings(3.0)
+    assert settings.kd_factor == 9.0 and KDSettings(3.0, t2_scaling=False).kd_factor == 1.0
+    with pytest.raises(AttributeError):
+        settings.temperature = 2.0  # type: ignore[misc]

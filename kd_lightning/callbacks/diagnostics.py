@@ -200,7 +200,7 @@ class DistillDiagnostics(Callback):
     def _rescaling_figure(self, teacher_logits: Tensor, student_logits: Tensor, y: Tensor, pl_module: Any) -> Any:
         from matplotlib.figure import Figure
 
-        alpha, temperature = pl_module.alpha, pl_module.temperature
+        alpha, temperature = pl_module.hparams.alpha, pl_module.hparams.temperature
         rho = kd_target(teacher_logits, temperature)
         confidence = rho.gather(1, y[:, None]).squeeze(1)
         weights = gradient_rescaling(student_logits, rho, y, alpha, temperature)

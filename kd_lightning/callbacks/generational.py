@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from kd_lightning.modules.generations import GenerationModule
+from kd_lightning.modules.generations import GenerationModule, generation_metric_prefix
 
 __all__ = ["GenerationalKD"]
 
@@ -140,7 +140,7 @@ class GenerationalKD(Callback):
         """Record the generation's latest validation metrics, before the checkpoint callbacks save this state."""
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        prefix = f"val/gen{pl_module.generation}/"
+        prefix = generation_metric_prefix("val", pl_module.generation, pl_module.generation)
         metrics = {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         if metrics:
             self.history[pl_module.generation] = metrics
@@ -157,10 +157,8 @@ class GenerationalKD(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         rows = {}
         for g in range(pl_module.generation + 1):
-            last = g == pl_module.generation
-            single = "test/" if last else f"test/gen{g}/"
-            ensemble = "test/ensemble/" if last else f"test/ensemble{g}/"
-            rows[g] = {name: metrics[key] for name, key in _row_keys(single, ensemble) if key in metrics}
+            keys = _row_keys(g, pl_module.generation)
+            rows[g] = {name: metrics[key] for name, key in keys if key in metrics}
         print_generation_table("test", rows)
 
     # ---------------------------------------------------------------------------------------------- state
@@ -174,14 +172,13 @@ class GenerationalKD(Callback):
         self._base_seed = state_dict.get("base_seed")
 
 
-def _row_keys(single: str, ensemble: str) -> list[tuple[str, str]]:
-    """(column metric name, logged key) of one generation's test row."""
+def _row_keys(generation: int, current: int) -> list[tuple[str, str]]:
+    """(column metric name, logged key) of generation ``generation``'s test row, ``current`` being the last."""
     keys = []
     for _, name in COLUMNS:
-        if name.startswith("ensemble/"):
-            keys.append((name, ensemble + name.removeprefix("ensemble/")))
-        else:
-            keys.append((name, single + name))
+        ensemble = name.startswith("ensemble/")
+        prefix = generation_metric_prefix("test", generation, current, ensemble)
+        keys.append((name, prefix + name.removeprefix("ensemble/")))
     return keys
 
 

@@ -33,25 +33,23 @@ gives the per-sample training and evaluation transforms, and, for on-device augm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from kd_lightning.data.subsets import TransformedSubset, collate_pairs, stratified_split
 from kd_lightning.data.transforms import BatchAugment, TwoViews
 
 __all__ = [
     "ClassificationDataModule",
     "DataAttribute",
     "DataProtocol",
-    "TransformedSubset",
-    "collate_pairs",
     "data_attribute",
-    "stratified_split",
 ]
 
 #: Seed of the generator every evaluation loader gets (it only draws the workers' base seed).
@@ -74,8 +72,12 @@ class DataProtocol(Protocol):
     * ``superclass_map``: ``(C,)`` long tensor, the super-class of every class, or None; read by ``DistillModule``
       (``rel`` targets) and ``DistillDiagnostics`` (heat-map order, super-class contrast);
     * ``device_transform(batch, train)``: a loader's batch, on the device, to the model's batch (on-device
-      augmentation or normalisation; identity without); ``DistillDiagnostics`` calls it on the batches it runs
-      itself, outside Lightning's ``on_after_batch_transfer``.
+      augmentation or normalisation; identity without); ``DistillDiagnostics`` and DUPS's ``"recompute"`` pass call
+      it on the batches they run themselves, outside Lightning's ``on_after_batch_transfer``;
+    * ``train_shard_dataloader(seed, rank, world_size)``: the training set with its training transform, in the
+      random order that ``seed`` fixes, shard ``rank`` of ``world_size`` (every ``world_size``-th sample of that
+      order from ``rank``), not shuffled further, no batch dropped; DUPS's ``statistics="recompute"`` pass reads it
+      (only the module knows the ranks, only the datamodule its dataset).
     """
 
     @property
@@ -89,9 +91,11 @@ class DataProtocol(Protocol):
 
     def device_transform(self, batch: Any, train: bool) -> Any: ...
 
+    def train_shard_dataloader(self, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader: ...
+
 
 #: The members of :class:`DataProtocol`.
-DataAttribute = Literal["num_classes", "views", "superclass_map", "device_transform"]
+DataAttribute = Literal["num_classes", "views", "superclass_map", "device_transform", "train_shard_dataloader"]
 
 
 def data_attribute(datamodule: object | None, name: DataAttribute) -> Any:
@@ -107,70 +111,6 @@ def data_attribute(datamodule: object | None, name: DataAttribute) -> Any:
     if name not in get_args(DataAttribute):
         raise ValueError(f"{name!r} is not part of DataProtocol: one of {list(get_args(DataAttribute))}")
     return getattr(datamodule, name, None)
-
-
-def stratified_split(labels: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Stratified split of the indices ``0..N-1`` into ``(rest, held_out)``, ``held_out`` of length ``size``.
-
-    Each class gets ``floor(size * n_c / N)`` held-out samples; the remaining ones go to the classes with the
-    largest fractional parts (ties broken at random). Samples are drawn uniformly within each class.
-
-    Args:
-        labels: ``(N,)`` integer class labels.
-        size: Number of held-out indices, ``0 <= size <= N``.
-        generator: Source of randomness (the split is a function of its state).
-
-    Returns:
-        ``(rest, held_out)``: two sorted long tensors partitioning ``0..N-1``.
-    """
-    n = labels.numel()
-    if not 0 <= size <= n:
-        raise ValueError(f"Cannot hold out {size} of {n} samples.")
-    classes, counts = labels.unique(return_counts=True)
-    quota = counts.double() * size / n
-    take = quota.floor().long()
-    missing = size - int(take.sum())
-    order = torch.randperm(len(classes), generator=generator)
-    by_fraction = order[torch.argsort((quota - take)[order], descending=True, stable=True)]
-    take[by_fraction[:missing]] += 1
-    held = [torch.empty(0, dtype=torch.long)]
-    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
-        members = (labels == c).nonzero().flatten()
-        held.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    held_out = torch.cat(held).sort().values
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[held_out] = False
-    return keep.nonzero().flatten(), held_out
-
-
-class TransformedSubset(Dataset):
-    """The samples ``indices`` of a raw ``(x, y)`` dataset, with ``transform`` applied to ``x``.
-
-    Args:
-        dataset: A map-style dataset of ``(raw_x, label)`` pairs.
-        indices: Which samples to expose (None: all of them, in order).
-        transform: Per-sample transform of ``raw_x`` (None: identity).
-    """
-
-    def __init__(
-        self, dataset: Dataset, indices: Sequence[int] | Tensor | None = None, transform: Callable | None = None
-    ) -> None:
-        self.dataset = dataset
-        self.indices = indices.tolist() if isinstance(indices, Tensor) else indices
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        x, y = self.dataset[self.indices[index] if self.indices is not None else index]
-        return (self.transform(x) if self.transform is not None else x), y
-
-
-def collate_pairs(samples: list[tuple[Any, Any]]) -> tuple[Any, Tensor]:
-    """``default_collate`` that returns an ``(x, y)`` tuple, with two views as a tuple ``(x_a, x_b)``."""
-    x, y = default_collate(samples)
-    return (tuple(x) if isinstance(x, list) else x), y
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -324,6 +264,23 @@ class ClassificationDataModule(LightningDataModule):
             self.setup("fit")
         assert self.train_set is not None
         return self._loader(self.train_set, train=True)
+
+    def train_shard_dataloader(self, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The training set in the random order of ``seed``, shard ``rank`` of ``world_size``, training transform and
+        batch size, not shuffled further, no batch dropped (:class:`DataProtocol`); ``seed`` also seeds the workers."""
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.train_set), generator=generator)[rank::world_size]
+        return DataLoader(
+            TransformedSubset(self.train_set, order),
+            batch_size=self.batch_size,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_pairs,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader | list:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from kd_lightning.data.base import stratified_split
 from kd_lightning.data.small_images import SmallImageDataModule
+from kd_lightning.data.subsets import stratified_split
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule"]
 

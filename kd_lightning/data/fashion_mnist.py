@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from kd_lightning.data.base import stratified_split
 from kd_lightning.data.small_images import SmallImageDataModule
+from kd_lightning.data.subsets import stratified_split
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from kd_lightning.data.base import stratified_split
 from kd_lightning.data.image_files import ImageFileDataModule, ImageFiles, scan_class_folders
+from kd_lightning.data.subsets import stratified_split
 
 __all__ = ["ImageFolderDataModule"]
 

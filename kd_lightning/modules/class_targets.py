@@ -10,71 +10,75 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd_lightning.fused import SparseTargets, cross_entropy_and_kd, expand_sparse_targets, sparse_neg_entropy
+from kd_lightning.losses import KDSettings
+from kd_lightning.modules.distributed import RankGroup
 
 __all__ = ["ClassTargetTable", "TopKClassTargetTable"]
 
 
 class _ClassTable(nn.Module):
-    """What the dense and the top-k class-target tables share: arguments, per-class counts, peers, DDP exclusion."""
+    """What the dense and the top-k class-target tables share: arguments, per-class counts, peers, ranks, the loss,
+    DDP exclusion."""
 
-    def __init__(self, num_classes: int, temperature: float, num_peers: int | None) -> None:
+    def __init__(self, num_classes: int, settings: KDSettings, peers_per_class: int | None) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if num_peers is not None and num_peers < 1:
-            raise ValueError(f"num_peers must be >= 1 or None (all samples of the class), got {num_peers}")
+        if peers_per_class is not None and peers_per_class < 1:
+            raise ValueError(f"peers_per_class must be >= 1 or None (all samples of the class), got {peers_per_class}")
         self.num_classes = num_classes
-        self.temperature = temperature
-        self.num_peers = num_peers
+        #: The loss's settings; their ``temperature`` also softens the statistics.
+        self.settings = settings
+        self.peers_per_class = peers_per_class
+        #: The ranks the statistics are summed over (one process until the owning module sets the trainer's).
+        self.ranks = RankGroup()
         self.register_buffer("has_target", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("counts", torch.zeros(num_classes))
+
+    @property
+    def temperature(self) -> float:
+        """``T`` of the softened statistics and of the KD term (:attr:`settings`)."""
+        return self.settings.temperature
 
     def exclude_from_ddp_broadcast(self, root: nn.Module) -> None:
         """Keep DDP (``broadcast_buffers=True``, Lightning's default) from syncing this table's buffers.
 
         ``root`` is the module DDP wraps (the LightningModule) holding this table; the buffers' qualified names are
-        added to ``root._ddp_params_and_buffers_to_ignore`` (torch's hook for this), before DDP wraps ``root``.
+        added to ``root._ddp_params_and_buffers_to_ignore`` before DDP wraps ``root``. A private torch API: torch
+        (checked up to 2.14) has no public way to keep some buffers out of DDP's broadcast (only
+        ``broadcast_buffers=False`` for all of them, which would stop the backbone's BatchNorm statistics too).
         """
         prefix = next(name for name, module in root.named_modules() if module is self)
         ignored = getattr(root, "_ddp_params_and_buffers_to_ignore", [])
         names = [f"{prefix}.{name}" for name, _ in self.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [*ignored, *names])
 
-    def ce_and_kd_loss(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        temperature: float,
-        t2_scaling: bool = True,
-        label_smoothing: float = 0.0,
-        ce_weight: float = 1.0,
-        kd_weight: float = 1.0,
-    ) -> tuple[Tensor, Tensor]:
-        """``(ce_weight * CE, kd_weight * KD)`` of the ``(B, C)`` logits in one pass, the KD term against the
-        labels' rows (:func:`~kd_lightning.fused.cross_entropy_and_kd`, with :meth:`batch_targets`)."""
-        targets, neg_entropy, mass = self.batch_targets(labels)
-        return cross_entropy_and_kd(
-            logits, labels, targets, neg_entropy, mass, temperature, t2_scaling, label_smoothing, ce_weight, kd_weight
-        )
+    def ce_and_kd_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ce_weight * CE, kd_weight * KD)`` of the ``(B, C)`` logits in one pass with :attr:`settings`, the KD
+        term against the labels' rows (:func:`~kd_lightning.fused.cross_entropy_and_kd`, with
+        :meth:`batch_targets`)."""
+        return cross_entropy_and_kd(logits, labels, *self.batch_targets(labels), self.settings)
 
     def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
         """Samples per class that rank ``rank`` of ``world_size`` keeps: ``n // W + (rank < n % W)``; None: all."""
-        if self.num_peers is None:
+        if self.peers_per_class is None:
             return None
-        return self.num_peers // world_size + int(rank < self.num_peers % world_size)
+        return self.peers_per_class // world_size + int(rank < self.peers_per_class % world_size)
 
-    def peer_weights(self, labels: Tensor, rank: int, world_size: int, mask: Tensor | None = None) -> Tensor:
+    def own_quota(self) -> int | None:
+        """:meth:`peers_per_rank` of this process (:attr:`ranks`)."""
+        return self.peers_per_rank(self.ranks.rank, self.ranks.world_size)
+
+    def peer_weights(self, labels: Tensor, mask: Tensor | None = None) -> Tensor:
         """``(B,)`` float 1/0: whether each sample counts for its class: it is in ``mask`` (None: every sample) and
-        its class is still under the ``num_peers`` quota.
+        its class is still under this rank's quota (:meth:`own_quota`).
 
         A sample outside ``mask`` (a distributed sampler's padding, see
         :class:`~kd_lightning.modules.distributed.ShardPadding`) takes no place in its class's quota: the random ranks
         within a class are drawn among the samples in ``mask`` (by the same draw from the global RNG as without a
         mask).
         """
-        quota = self.peers_per_rank(rank, world_size)
+        quota = self.own_quota()
         if quota is None:
             return torch.ones_like(labels, dtype=torch.float32) if mask is None else mask.float()
         if mask is None:
@@ -93,16 +97,17 @@ class ClassTargetTable(_ClassTable):
         f_T(c) = \\mathrm{softmax}\\Big(\\frac{1}{|Y_c|} \\sum_{(x, c) \\in Y_c} z(x) / T\\Big)
         \\quad\\text{(``average="logits"``)},
 
-    over a set :math:`Y_c` of at most ``num_peers`` samples of class ``c`` (all of them for None). The paper's
+    over a set :math:`Y_c` of at most ``peers_per_class`` samples of class ``c`` (all of them for None). The paper's
     "average softened logit" reads either way; the two differ (the mean of softmaxes is flatter).
 
     Use: :meth:`update` with each batch's logits during a statistics pass (vectorised: no loop over samples or
-    classes), then :meth:`finalize` once on every rank: it sums the statistics over ranks *before* dividing, so every
+    classes), then :meth:`finalize` once on every rank: it sums the statistics over the ranks of :attr:`ranks`
+    (which the owning module sets, :class:`~kd_lightning.modules.distributed.RankGroup`) *before* dividing, so every
     rank holds the same table, replaces the rows of the classes that were seen, and clears the statistics. A class
     seen by no sample keeps its previous row; a class that never had one keeps a zero row, which gives no KD term
     (``KL(0 || p) = 0``), and ``has_target[c] = False``.
 
-    Peers: with ``num_peers = n``, :meth:`update` keeps, per class, the first samples it is given until the class
+    Peers: with ``peers_per_class = n``, :meth:`update` keeps, per class, the first samples it is given until the class
     has its quota, taking a random subset of the samples of one batch (random ranks within the class from a random
     permutation). When the batches come in random order (a shuffled training loader, or the shuffled pass of
     DUPSModule's ``statistics="recompute"``), the kept samples are a uniformly random subset of the class. Over
@@ -116,24 +121,24 @@ class ClassTargetTable(_ClassTable):
 
     Args:
         num_classes: ``C``.
-        temperature: ``T > 0`` of the softening.
-        num_peers: at most this many samples per class over all ranks (None: every sample of the pass).
+        settings: the KD loss's settings (:meth:`ce_and_kd_loss`); their ``T`` also softens the statistics.
+        peers_per_class: at most this many samples per class over all ranks (None: every sample of the pass).
         average: ``"probs"`` (mean of softmax(z/T)) or ``"logits"`` (softmax of the mean logit / T).
 
     Raises:
-        ValueError: ``num_classes < 1``, ``temperature <= 0``, ``num_peers < 1`` or an unknown ``average``.
+        ValueError: ``num_classes < 1``, ``peers_per_class < 1`` or an unknown ``average``.
     """
 
     def __init__(
         self,
         num_classes: int,
-        temperature: float,
-        num_peers: int | None = None,
+        settings: KDSettings,
+        peers_per_class: int | None = None,
         average: Literal["probs", "logits"] = "probs",
     ) -> None:
         if average not in ("probs", "logits"):
             raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
-        super().__init__(num_classes, temperature, num_peers)
+        super().__init__(num_classes, settings, peers_per_class)
         self.average = average
         self.register_buffer("targets", torch.zeros(num_classes, num_classes))
         self.register_buffer("sums", torch.zeros(num_classes, num_classes))
@@ -160,17 +165,15 @@ class ClassTargetTable(_ClassTable):
         return self._row_statistics
 
     @torch.no_grad()
-    def update(
-        self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1, mask: Tensor | None = None
-    ) -> None:
+    def update(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> None:
         """Add the ``(B, C)`` logits (detached) of samples with ``(B,)`` labels to the per-class statistics.
 
-        With ``num_peers``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
+        With ``peers_per_class``, a sample counts only while its class has fewer than :meth:`peers_per_rank` samples;
         within the batch, the samples of a class are taken in a random order (this draws from the global RNG).
         ``mask``: ``(B,)`` bool, the samples to count (False: a distributed sampler's padding, which another rank
         counts already: :meth:`~kd_lightning.modules.distributed.ShardPadding.next_mask`); None: every sample.
         """
-        weight = self.peer_weights(labels, rank, world_size, mask)
+        weight = self.peer_weights(labels, mask)
         values = logits.detach().float()
         if self.average == "probs":  # a fresh buffer: weighted in place
             values = (values / self.temperature).softmax(dim=-1).mul_(weight[:, None])
@@ -180,20 +183,11 @@ class ClassTargetTable(_ClassTable):
         self.counts.index_add_(0, labels, weight)
 
     @torch.no_grad()
-    def finalize(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """Sum the statistics over ranks, turn them into targets, clear them; returns the ``(C,)`` summed counts.
-
-        Args:
-            reduce: sums a tensor over ranks (e.g. ``partial(trainer.strategy.reduce, reduce_op="sum")``); None:
-                ``torch.distributed.all_reduce`` when a process group is initialised, else no reduction. Called
-                once, with the sums and counts in one ``(C, C + 1)`` tensor, so every rank must call
-                :meth:`finalize` at the same point.
-        """
-        stats = torch.cat([self.sums, self.counts[:, None]], dim=1)
-        if reduce is not None:
-            stats = reduce(stats)
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
+    def finalize(self) -> Tensor:
+        """Sum the statistics over :attr:`ranks`, turn them into targets, clear them; returns the ``(C,)`` summed
+        counts. One reduction, of the sums and counts in one ``(C, C + 1)`` tensor: every rank must call
+        :meth:`finalize` at the same point."""
+        stats = self.ranks.reduce_sum(torch.cat([self.sums, self.counts[:, None]], dim=1))
         sums, counts = stats[:, :-1], stats[:, -1]
         seen = counts > 0
         mean = sums / counts.clamp_min(1)[:, None]
@@ -211,7 +205,8 @@ class ClassTargetTable(_ClassTable):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, temperature={self.temperature}, num_peers={self.num_peers}, "
+            f"num_classes={self.num_classes}, temperature={self.temperature}, "
+            f"peers_per_class={self.peers_per_class}, "
             f"average={self.average!r}"
         )
 
@@ -242,18 +237,18 @@ class TopKClassTargetTable(_ClassTable):
 
     Args:
         num_classes: ``C``.
-        temperature: ``T > 0`` of the softening.
+        settings: as :class:`ClassTargetTable`'s.
         k: entries kept per class, ``1 <= k < C``.
-        num_peers: as :class:`ClassTargetTable`'s.
+        peers_per_class: as :class:`ClassTargetTable`'s.
 
     Raises:
         ValueError: ``k`` out of range and the errors of :class:`ClassTargetTable`.
     """
 
-    def __init__(self, num_classes: int, temperature: float, k: int, num_peers: int | None = None) -> None:
+    def __init__(self, num_classes: int, settings: KDSettings, k: int, peers_per_class: int | None = None) -> None:
         if not 1 <= k < num_classes:
             raise ValueError(f"a top-k class table needs 1 <= k < num_classes={num_classes}, got k={k}")
-        super().__init__(num_classes, temperature, num_peers)
+        super().__init__(num_classes, settings, peers_per_class)
         self.k = k
         self.width = min(2 * k, num_classes)
         self.register_buffer("values", torch.zeros(num_classes, k))
@@ -276,12 +271,10 @@ class TopKClassTargetTable(_ClassTable):
         return expand_sparse_targets(self.values, self.indices, self.rest, self.num_classes)
 
     @torch.no_grad()
-    def update(
-        self, logits: Tensor, labels: Tensor, rank: int = 0, world_size: int = 1, mask: Tensor | None = None
-    ) -> None:
+    def update(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> None:
         """Add the ``m`` largest softened probabilities of each of the ``(B, C)`` logits to its label's statistics
-        (``num_peers`` and ``mask`` as in :meth:`ClassTargetTable.update`)."""
-        weight = self.peer_weights(labels, rank, world_size, mask)
+        (``peers_per_class`` and ``mask`` as in :meth:`ClassTargetTable.update`)."""
+        weight = self.peer_weights(labels, mask)
         probs = (logits.detach().float() / self.temperature).softmax(dim=-1)
         values, indices = probs.topk(self.width, dim=-1)
         self._pending.append((labels[:, None].expand_as(indices), indices, values * weight[:, None]))
@@ -309,17 +302,14 @@ class TopKClassTargetTable(_ClassTable):
         self.stat_indices.copy_(indices)
 
     @torch.no_grad()
-    def finalize(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """As :meth:`ClassTargetTable.finalize`: merge over ranks, turn into targets, clear; returns the counts."""
+    def finalize(self) -> Tensor:
+        """As :meth:`ClassTargetTable.finalize`: merge over :attr:`ranks`, turn into targets, clear; returns the
+        counts."""
         self.merge_pending()
-        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        rank = torch.distributed.get_rank() if world_size > 1 else 0
-        if reduce is None and world_size > 1:
-            reduce = _all_reduce_sum
+        rank, world_size = self.ranks.rank, self.ranks.world_size
         gathered = torch.zeros(world_size, self.num_classes, 2 * self.width + 1, device=self.counts.device)
         gathered[rank] = torch.cat([self.stat_values, self.stat_indices.float(), self.counts[:, None]], dim=1)
-        if reduce is not None:
-            gathered = reduce(gathered)
+        gathered = self.ranks.reduce_sum(gathered)
         counts = gathered[..., -1].sum(0)
         self.reset_statistics()
         rows = torch.arange(self.num_classes, device=counts.device)[None, :, None].expand(world_size, -1, self.width)
@@ -347,12 +337,10 @@ class TopKClassTargetTable(_ClassTable):
         self.counts.zero_()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, temperature={self.temperature}, k={self.k}, num_peers={self.num_peers}"
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    torch.distributed.all_reduce(tensor)
-    return tensor
+        return (
+            f"num_classes={self.num_classes}, temperature={self.temperature}, k={self.k}, "
+            f"peers_per_class={self.peers_per_class}"
+        )
 
 
 def _top_per_row(rows: Tensor, cols: Tensor, vals: Tensor, num_rows: int, width: int) -> tuple[Tensor, Tensor]:

@@ -82,8 +82,6 @@ class ClassifierModule(pl.LightningModule):
         if schedule_epochs is not None and schedule_epochs < 1:
             raise ValueError(f"schedule_epochs must be >= 1 or None, got {schedule_epochs}")
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
-        self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.backbone = self.build_backbone(backbone, num_classes, backbone_kwargs or {})
@@ -92,6 +90,16 @@ class ClassifierModule(pl.LightningModule):
         if compile:
             self.backbone.compile()
         self.metrics = nn.ModuleDict()
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the classes (``hparams.num_classes``)."""
+        return self.hparams.num_classes
+
+    @property
+    def label_smoothing(self) -> float:
+        """:math:`\\epsilon` of the cross-entropy (``hparams.label_smoothing``)."""
+        return self.hparams.label_smoothing
 
     def build_backbone(self, name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
         """The network trained: the registered backbone ``name`` (a module with another kind of network, e.g. the

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from kd_lightning.checkpoints import record_module, recorded
 from kd_lightning.data.base import data_attribute
-from kd_lightning.losses import kd_kl_div
+from kd_lightning.losses import KDSettings, kd_kl_div
 from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.teacher import FrozenTeacher
 from kd_lightning.modules.teacher_cache import TeacherOutputCache
@@ -102,15 +102,13 @@ class KDStudentModule(ClassifierModule):
         check_target_kind(target_kind)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        #: The loss's settings, from the hyperparameters (``temperature`` checked here): :math:`w_{CE} = 1 - \\alpha`,
+        #: :math:`w_{KD} = \\alpha`.
+        self.loss_settings = KDSettings(temperature, t2_scaling, self.label_smoothing, 1.0 - alpha, alpha)
         if target_kind == "topk" and not 1 <= topk < self.num_classes:
             raise ValueError(f"topk must be in [1, num_classes={self.num_classes}), got {topk}")
         if not 0.0 <= pt_weight <= 1.0:
             raise ValueError(f"pt_weight must be in [0, 1], got {pt_weight}")
-        self.target_kind = target_kind
-        self.alpha = alpha
-        self.temperature = temperature
         self.register_buffer("class_table", None, persistent=False)
         use_cache = cache_teacher_topk is not None and target_kind in TEACHER_FORWARD_KINDS
         self.teacher_cache = TeacherOutputCache(cache_teacher_topk) if use_cache else None
@@ -129,7 +127,7 @@ class KDStudentModule(ClassifierModule):
             ValueError: for ``sim``, a teacher classifier of another number of classes.
         """
         self.frozen.set("teacher", [] if teacher is None else [teacher], self.device, save)
-        if TABLE_OF_KIND.get(self.target_kind) == "sim" and self.teacher is not None:
+        if TABLE_OF_KIND.get(self.hparams.target_kind) == "sim" and self.teacher is not None:
             weight = self.teacher.classifier_weight
             if weight.shape[0] != self.num_classes:
                 raise ValueError(
@@ -141,7 +139,7 @@ class KDStudentModule(ClassifierModule):
 
     def uses_teacher(self) -> bool:
         """Whether the distillation term is on: a kind that needs no teacher, or a teacher installed."""
-        return self.teacher is not None or self.target_kind in ("ls", "rel")
+        return self.teacher is not None or self.hparams.target_kind in ("ls", "rel")
 
     # ----------------------------------------------------------------------------------------------- training
     def training_losses(self, batch: Any) -> dict[str, Tensor]:
@@ -150,23 +148,23 @@ class KDStudentModule(ClassifierModule):
         ce = self.cross_entropy(logits, y)
         if not self.uses_teacher():
             return {"ce": ce}
-        rho = self.teacher_targets(x, y)
-        kd = kd_kl_div(logits, rho, self.temperature, t2_scaling=self.hparams.t2_scaling)
-        return {"ce": (1.0 - self.alpha) * ce, "kd": self.alpha * kd}
+        rho, settings = self.teacher_targets(x, y), self.loss_settings
+        kd = kd_kl_div(logits, rho, settings.temperature, t2_scaling=settings.t2_scaling)
+        return {"ce": settings.ce_weight * ce, "kd": settings.kd_weight * kd}
 
     def teacher_targets(self, x: Tensor, y: Tensor) -> Tensor:
         """``(B, K)`` float32 distribution :math:`\\rho` of the batch; the teacher runs only for kinds that need it."""
         hp = self.hparams
         teacher_logits = None
-        if self.target_kind in TEACHER_FORWARD_KINDS:
+        if self.hparams.target_kind in TEACHER_FORWARD_KINDS:
             teacher_logits = self.teacher_logits(x) if self.teacher_cache is None else self._cached_teacher_logits(x)
         return teacher_distribution(
-            self.target_kind,
+            self.hparams.target_kind,
             y,
             self.num_classes,
             teacher_logits=teacher_logits,
             class_table=self.class_table,
-            temperature=self.temperature,
+            temperature=self.loss_settings.temperature,
             k=hp.topk,
             pt_weight=hp.pt_weight,
         )
@@ -181,9 +179,9 @@ class KDStudentModule(ClassifierModule):
         if cache.ready:
             values, indices = cache.lookup(x)
         else:
-            values, indices = cache.encode(kd_target(self.teacher_logits(x), self.temperature))
+            values, indices = cache.encode(kd_target(self.teacher_logits(x), self.loss_settings.temperature))
             cache.add(x, values, indices)
-        return cache.decode(values, indices, self.num_classes).log() * self.temperature
+        return cache.decode(values, indices, self.num_classes).log() * self.loss_settings.temperature
 
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None and not self.teacher_cache.ready:
@@ -192,13 +190,13 @@ class KDStudentModule(ClassifierModule):
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if TABLE_OF_KIND.get(self.target_kind) == "rel":
+        if TABLE_OF_KIND.get(self.hparams.target_kind) == "rel":
             datamodule = getattr(self.trainer, "datamodule", None)
             superclass_map = data_attribute(datamodule, "superclass_map")
             if superclass_map is None:
                 raise ValueError(
-                    f"target_kind={self.target_kind!r} needs the datamodule's superclass_map (the super-class of "
-                    f"every class), but {type(datamodule).__name__} has none: use a datamodule with super-classes "
+                    f"target_kind={self.hparams.target_kind!r} needs the datamodule's superclass_map (the super-class "
+                    f"of every class), but {type(datamodule).__name__} has none: use a datamodule with super-classes "
                     "(SyntheticDataModule, CIFARDataModule with dataset='cifar100', FashionMNISTDataModule) or another "
                     "target_kind"
                 )
@@ -208,8 +206,8 @@ class KDStudentModule(ClassifierModule):
     def on_fit_start(self) -> None:
         if not self.uses_teacher():
             rank_zero_warn(
-                f"DistillModule(target_kind={self.target_kind!r}) has no teacher: it trains with cross-entropy only "
-                "until set_teacher() is called"
+                f"DistillModule(target_kind={self.hparams.target_kind!r}) has no teacher: it trains with cross-entropy "
+                "only until set_teacher() is called"
             )
 
 

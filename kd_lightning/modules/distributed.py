@@ -1,15 +1,45 @@
-"""What a method needs to know about the distributed sampler: which samples of a rank's epoch are padding."""
+"""What a method's state needs to know about the ranks: where this process stands, how to sum over the ranks
+(:class:`RankGroup`), and which samples of its epoch the distributed sampler repeated (:class:`ShardPadding`)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DistributedSampler
 
-__all__ = ["ShardPadding", "distributed_sampler_of"]
+__all__ = ["RankGroup", "ShardPadding", "distributed_sampler_of"]
+
+
+def _no_reduction(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This process's place among the ranks and the sum over them: all that a rank-local state (a DUPS class table)
+    needs of the process group, given to it by its module (only the module knows the trainer's strategy).
+
+    Args:
+        rank: the global rank, ``0 <= rank < world_size``.
+        world_size: the number of processes.
+        reduce_sum: sums a tensor over the ranks (every rank must call it at the same point); the default is the
+            one-process identity.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    reduce_sum: Callable[[Tensor], Tensor] = field(default=_no_reduction, compare=False)
+
+    @classmethod
+    def of_trainer(cls, trainer: Any) -> RankGroup:
+        """The trainer's ranks, summed by its strategy (``strategy.reduce(..., reduce_op="sum")``)."""
+        return cls(trainer.global_rank, trainer.world_size, partial(trainer.strategy.reduce, reduce_op="sum"))
 
 
 def distributed_sampler_of(loader: Any) -> DistributedSampler | None:

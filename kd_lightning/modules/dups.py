@@ -17,17 +17,18 @@ epoch 16 on; 9 updates of the targets (the paper's "m - 1 iterations of knowledg
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
+from kd_lightning.data.base import data_attribute
+from kd_lightning.losses import KDSettings
 from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 from kd_lightning.modules.classifier import ClassifierModule
-from kd_lightning.modules.distributed import ShardPadding
+from kd_lightning.modules.distributed import RankGroup, ShardPadding
 from kd_lightning.optim import cyclic_cosine
 
 __all__ = ["DUPSModule", "StageSchedule", "StagedDistillModule"]
@@ -122,11 +123,9 @@ class StagedDistillModule(ClassifierModule):
         for name, count in (("num_stages", num_stages), ("epochs_per_stage", epochs_per_stage)):
             if count is not None and count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if ce_weight < 0 or kd_weight < 0:
-            raise ValueError(f"ce_weight and kd_weight must be >= 0, got {ce_weight} and {kd_weight}")
         super().__init__(**kwargs)
+        #: The loss's settings, from the hyperparameters (checked here).
+        self.loss_settings = KDSettings(temperature, t2_scaling, self.label_smoothing, ce_weight, kd_weight)
         if cyclic_lr and (self.lr_scheduler_factory is not None or self.hparams.warmup_epochs > 0):
             raise ValueError(
                 "cyclic_lr builds its own schedule (a cosine per stage): leave lr_scheduler and warmup_epochs unset"
@@ -144,10 +143,6 @@ class StagedDistillModule(ClassifierModule):
     def current_stage(self) -> int:
         """0-indexed stage of the current epoch (0 outside ``fit``)."""
         return 0 if self.stage_schedule is None else self.stage_schedule.stage_of(self.current_epoch)
-
-    def rank_and_world_size(self) -> tuple[int, int]:
-        """``(global rank, world size)`` of the trainer, ``(0, 1)`` without one."""
-        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         if not self.hparams.cyclic_lr:
@@ -171,7 +166,7 @@ class DUPSModule(StagedDistillModule):
     (Eq. 2 with Eq. 4; both terms from one chunked pass, :func:`~kd_lightning.fused.cross_entropy_and_kd`, with
     the module's ``label_smoothing``; :math:`T^2` unless ``t2_scaling=False``), where
     :math:`f_T(y)` is row ``y`` of the :class:`~kd_lightning.modules.class_targets.ClassTargetTable`: the average
-    softened prediction of up to ``num_peers`` samples of class ``y``, taken in the last epoch of the previous
+    softened prediction of up to ``peers_per_class`` samples of class ``y``, taken in the last epoch of the previous
     stage (Eq. 5). Stage 0 trains with :math:`\\lambda_{CE}\\,\\mathrm{CE}` only. Stages: see
     :mod:`kd_lightning.modules.dups`. The paper's defaults: :math:`\\lambda_{CE} = 0.8`, :math:`\\lambda_{KD} = 0.2`,
     ``T = 6``, 10 stages (5 for transfer learning and language models), cosine LR; DUPS+ is ``cyclic_lr=True``.
@@ -182,20 +177,22 @@ class DUPSModule(StagedDistillModule):
       does in the last epoch of the stage (train mode, augmented inputs, the model moving during the epoch).
     * ``"recompute"``: at the end of the stage, one pass in eval mode with the stage-end model over the training
       set (training augmentation, a random order fixed by the seed and the stage, sharded over ranks), stopping
-      once every class has its ``num_peers``; costs up to one inference epoch per stage.
+      once every class has its ``peers_per_class``; costs up to one inference epoch per stage. The datamodule gives
+      the pass's loader (``train_shard_dataloader`` of :class:`~kd_lightning.data.base.DataProtocol`).
 
     The table is a registered buffer (checkpointed; a run resumed mid-stage uses the same targets), and
     ``targets_stage`` records the stage its targets were made for, so a stage start is handled once even across a
     resume. Under DDP the per-class sums and counts are summed over ranks before dividing (identical targets on
-    every rank; DDP does not broadcast the table's buffers); with ``num_peers``, see
+    every rank; DDP does not broadcast the table's buffers); with ``peers_per_class``, see
     :meth:`ClassTargetTable.peers_per_rank`. The online statistics leave out the samples the distributed sampler
     repeats to even out the shards (:class:`~kd_lightning.modules.distributed.ShardPadding`), so every training sample
     counts once, on one rank, and ``N`` processes get the one-process table. Logs ``dups/classes_covered`` (classes
     with at least one peer) at each update.
 
     Args:
-        num_peers: ``n``, peers per class (None: every sample of the class, Alg. 1 line 8; the paper's Fig. 2 sweeps
-            1..all).
+        peers_per_class: ``n``, peers per class (None: every sample of the class, Alg. 1 line 8; the paper's Fig. 2
+            sweeps 1..all).
+        num_peers: deprecated name of ``peers_per_class`` (a FutureWarning; removed in the next release).
         statistics: ``"online"`` or ``"recompute"`` (above).
         average: ``"probs"`` (mean of softmax(z/T), default) or ``"logits"`` (softmax of the mean logit / T).
         table_topk: keep only each class's ``k`` largest target entries, the rest of the mass uniform
@@ -204,28 +201,33 @@ class DUPSModule(StagedDistillModule):
         **kwargs: the arguments of :class:`StagedDistillModule` and :class:`ClassifierModule`.
 
     Raises:
-        ValueError: an unknown ``statistics``, ``table_topk`` with ``average="logits"``, and the errors of
-            :class:`StagedDistillModule` and the table.
+        ValueError: an unknown ``statistics``, ``table_topk`` with ``average="logits"``, both ``peers_per_class`` and
+            ``num_peers``, and the errors of :class:`StagedDistillModule` and the table; at the start of ``fit``,
+            ``"recompute"`` with a datamodule that cannot give the pass's loader.
     """
 
     def __init__(
         self,
-        num_peers: int | None = None,
+        peers_per_class: int | None = None,
         statistics: Literal["online", "recompute"] = "online",
         average: Literal["probs", "logits"] = "probs",
         table_topk: int | None = None,
+        num_peers: int | None = None,
         **kwargs: Any,
     ) -> None:
         if statistics not in ("online", "recompute"):
             raise ValueError(f"statistics must be 'online' or 'recompute', got {statistics!r}")
         if table_topk is not None and average != "probs":
             raise ValueError(f"table_topk keeps a mean of probabilities: it needs average='probs', got {average!r}")
+        peers_per_class = _renamed_num_peers(peers_per_class, num_peers)
         super().__init__(**kwargs)
-        temperature = self.hparams.temperature
+        self.hparams.pop("num_peers", None)
+        self.hparams["peers_per_class"] = peers_per_class
+        classes, settings = self.num_classes, self.loss_settings
         self.class_targets: ClassTargetTable | TopKClassTargetTable = (
-            ClassTargetTable(self.num_classes, temperature, num_peers, average)
+            ClassTargetTable(classes, settings, peers_per_class, average)
             if table_topk is None
-            else TopKClassTargetTable(self.num_classes, temperature, table_topk, num_peers)
+            else TopKClassTargetTable(classes, settings, table_topk, peers_per_class)
         )
         self.class_targets.exclude_from_ddp_broadcast(self)
         self.register_buffer("targets_stage", torch.zeros((), dtype=torch.long))
@@ -246,13 +248,10 @@ class DUPSModule(StagedDistillModule):
         x, y = self.unpack_batch(batch)
         logits = self(x)
         if self.collects_statistics():
-            self.class_targets.update(logits, y, *self.rank_and_world_size(), self._own_samples(len(x), y))
+            self.class_targets.update(logits, y, self._own_samples(len(x), y))
         if self.current_stage() == 0:
-            return {"ce": self.hparams.ce_weight * self.cross_entropy(logits, y)}
-        hp = self.hparams
-        ce, kd = self.class_targets.ce_and_kd_loss(
-            logits, y, hp.temperature, hp.t2_scaling, self.label_smoothing, hp.ce_weight, hp.kd_weight
-        )
+            return {"ce": self.loss_settings.ce_weight * self.cross_entropy(logits, y)}
+        ce, kd = self.class_targets.ce_and_kd_loss(logits, y)
         return {"ce": ce, "kd": kd}
 
     def _own_samples(self, num_samples: int, labels: Tensor) -> Tensor | None:
@@ -260,6 +259,24 @@ class DUPSModule(StagedDistillModule):
         sample's mask repeated over its labels (a language model's window has one per token)."""
         mask = self.shard_padding.next_mask(num_samples, labels.device)
         return None if mask is None else mask.repeat_interleave(labels.numel() // num_samples)
+
+    def setup(self, stage: str) -> None:
+        """Also give the table the trainer's ranks; for ``"recompute"``, check that the datamodule gives the pass's
+        loader."""
+        super().setup(stage)
+        self.class_targets.ranks = RankGroup.of_trainer(self.trainer)
+        loader = data_attribute(self.trainer.datamodule, "train_shard_dataloader")
+        if stage == "fit" and self.hparams.statistics == "recompute" and loader is None:
+            raise ValueError(
+                "statistics='recompute' runs its pass over the training set through the datamodule's "
+                "train_shard_dataloader (kd_lightning.data.base.DataProtocol): fit with a kd_lightning datamodule, "
+                "give yours that method, or use statistics='online'"
+            )
+
+    def teardown(self, stage: str) -> None:
+        """Give the table back its one-process ranks (they hold the trainer's strategy)."""
+        super().teardown(stage)
+        self.class_targets.ranks = RankGroup()
 
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets.
@@ -275,30 +292,44 @@ class DUPSModule(StagedDistillModule):
             return
         if self.hparams.statistics == "recompute":
             self._collect_in_eval_mode(stage)
-        counts = self.class_targets.finalize(partial(self.trainer.strategy.reduce, reduce_op="sum"))
+        counts = self.class_targets.finalize()
         self.targets_stage.fill_(stage)
         self.log("dups/classes_covered", (counts > 0).sum().float())
 
     @torch.no_grad()
     def _collect_in_eval_mode(self, stage: int) -> None:
-        """The ``"recompute"`` statistics: the stage-end model, in eval mode, over the training set."""
-        rank, world_size = self.rank_and_world_size()
-        loader = self.trainer.train_dataloader
-        generator = torch.Generator().manual_seed(int(self.peer_seed) + stage)
-        order = torch.randperm(len(loader.dataset), generator=generator)[rank::world_size]
-        peers = DataLoader(
-            Subset(loader.dataset, order.tolist()),
-            batch_size=loader.batch_size or 1,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            generator=generator,
-        )
-        quota = self.class_targets.peers_per_rank(rank, world_size)
+        """The ``"recompute"`` statistics: the stage-end model, in eval mode, over the training set in an order
+        fixed by the seed and the stage, this rank's share of it (every ``world_size``-th sample)."""
+        table, datamodule = self.class_targets, self.trainer.datamodule
+        peers = datamodule.train_shard_dataloader(int(self.peer_seed) + stage, table.ranks.rank, table.ranks.world_size)
+        quota, transform = table.own_quota(), data_attribute(datamodule, "device_transform")
         was_training = self.backbone.training
         self.backbone.eval()
         for batch in peers:
-            x, y = self.unpack_batch(self.trainer.strategy.batch_to_device(batch))
-            self.class_targets.update(self(x), y, rank, world_size)
-            if quota is not None and bool((self.class_targets.counts >= quota).all()):
+            batch = self.trainer.strategy.batch_to_device(batch)
+            if transform is not None:
+                batch = transform(batch, train=True)
+            x, y = self.unpack_batch(batch)
+            table.update(self(x), y)
+            if quota is not None and bool((table.counts >= quota).all()):
                 break
         self.backbone.train(was_training)
+
+
+def _renamed_num_peers(peers_per_class: int | None, num_peers: int | None) -> int | None:
+    """``peers_per_class``, or the deprecated ``num_peers`` (with a FutureWarning).
+
+    Raises:
+        ValueError: both are set.
+    """
+    if num_peers is None:
+        return peers_per_class
+    if peers_per_class is not None:
+        raise ValueError("set peers_per_class only (num_peers is its deprecated name), not both")
+    warnings.warn(
+        "DUPSModule's num_peers is deprecated: use peers_per_class (the same option); num_peers will be removed in "
+        "the next release",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return num_peers

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.losses import score_difference
-from kd_lightning.models.registry import create_backbone
+from kd_lightning.models.registry import create_backbone, weights_loaded_later
 from kd_lightning.modules.distill import KDStudentModule
 from kd_lightning.modules.teacher import FrozenTeacher
 
-__all__ = ["GenerationModule", "eta_from_confidence"]
+__all__ = ["GenerationModule", "eta_from_confidence", "generation_metric_prefix"]
 
 
 def eta_from_confidence(confidence: float, k: int = 5) -> float:
@@ -135,9 +136,11 @@ class GenerationModule(KDStudentModule):
 
     def fresh_backbone(self, seed: int | None = None) -> nn.Module:
         """A newly initialised backbone of this module's architecture, from ``seed`` (the global RNG is untouched),
-        on this module's device and dtype."""
+        on this module's device and dtype; with a seed, a pretrained backbone restarts from its pretrained weights,
+        without one it is built only to receive weights (none are loaded)."""
         hp = self.hparams
-        with torch.random.fork_rng(devices=[]):
+        # Without a seed the network is a container for weights loaded next: no pretrained weights are read.
+        with torch.random.fork_rng(devices=[]), nullcontext() if seed is not None else weights_loaded_later():
             if seed is not None:
                 torch.manual_seed(seed)
             network = create_backbone(hp.backbone, self.num_classes, **(hp.backbone_kwargs or {}))
@@ -189,7 +192,8 @@ class GenerationModule(KDStudentModule):
 
     # --------------------------------------------------------------------------------------------- evaluation
     def eval_log_prefix(self, stage: str) -> str:
-        return f"{stage}/gen{self.generation}/" if stage == "val" else f"{stage}/"
+        """:func:`generation_metric_prefix` of the current generation."""
+        return generation_metric_prefix(stage, self.generation, self.generation)
 
     def eval_outputs(self, x: Tensor) -> dict[str, Tensor]:
         """``main`` and ``ensemble`` (of generations 0..g, when it has two members or more); in a test, also
@@ -202,10 +206,10 @@ class GenerationModule(KDStudentModule):
         for g, z in enumerate(logits):
             last = g == len(logits) - 1
             if testing and not last:
-                outputs[f"gen{g}"] = z
+                outputs[_output_name(g, last, ensemble=False)] = z
             if g - start >= 1 and (testing or last):
                 members = torch.stack(log_probs[start : g + 1])
-                outputs["ensemble" if last else f"ensemble{g}"] = members.logsumexp(dim=0) - math.log(len(members))
+                outputs[_output_name(g, last, ensemble=True)] = members.logsumexp(dim=0) - math.log(len(members))
         return outputs
 
     def eval_extra_metrics(self, outputs: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
@@ -226,3 +230,26 @@ class GenerationModule(KDStudentModule):
             network.load_state_dict(state)
             finished.append(network)
         self._adopt_finished(finished)
+
+
+def generation_metric_prefix(stage: str, generation: int, current: int, ensemble: bool = False) -> str:
+    """Where a :class:`GenerationModule` logs the metrics of generation ``generation`` (``ensemble``: of the ensemble
+    of the generations up to it) in ``stage`` (``"val"``, ``"test"``), generation ``current`` being the one trained.
+
+    Validation logs the current generation under ``val/gen<g>/`` (its ensemble under ``val/gen<g>/ensemble/``); a
+    test logs the current generation under ``test/`` (``test/ensemble/``) and every finished generation ``j`` under
+    ``test/gen<j>/`` (``test/ensemble<j>/``). The one source of these names for the module and for
+    :class:`~kd_lightning.callbacks.GenerationalKD`'s tables.
+    """
+    if stage == "val" or generation == current:
+        base = f"{stage}/gen{generation}/" if stage == "val" else f"{stage}/"
+        return f"{base}ensemble/" if ensemble else base
+    return f"{stage}/{_output_name(generation, False, ensemble)}/"
+
+
+def _output_name(generation: int, current: bool, ensemble: bool) -> str:
+    """The name of an evaluation output (the current generation's first output is ``main``, logged at the prefix
+    itself)."""
+    if current:
+        return "ensemble" if ensemble else "main"
+    return f"ensemble{generation}" if ensemble else f"gen{generation}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, get_args
 
@@ -39,7 +40,7 @@ class SelfDistillModule(ClassifierModule):
     (``backbone.forward_features``) and :math:`\\mathrm{MMD}_{emp}` the squared distance of the two views' mean
     features (Eq. 1, :func:`~kd_lightning.losses.empirical_mmd`). The target side of each KL (:math:`p_b` in
     :math:`D_{KL}(p_b \\| p_a)`) is detached, so its gradient is :math:`p_a - p_b` on the logits of view ``a`` only,
-    as the gradients after Eq. 3 state; ``detach_target=False`` lets both KL terms reach both views. Eq. 5 has no
+    as the gradients after Eq. 3 state; ``detach_targets=False`` lets both KL terms reach both views. Eq. 5 has no
     :math:`T^2` factor; ``t2_scaling=True`` adds Hinton et al.'s. Evaluation uses one undistorted view, as the
     paper does.
 
@@ -60,10 +61,11 @@ class SelfDistillModule(ClassifierModule):
         kl_weight: :math:`\\lambda \\ge 0` (the paper: 1, as in Deep Mutual Learning).
         mmd_weight: :math:`\\mu \\ge 0` (the paper: 5e-4 by default, 1e-4 to 5e-4 recommended; Table 5 sweeps it).
         terms: which terms of Eq. 5 are on (the ablations of Table 6, see above).
-        detach_target: detach the target distribution of each KL term (the paper's gradients).
+        detach_targets: detach the target distribution of each KL term (the paper's gradients).
         t2_scaling: multiply the KL terms by :math:`T^2` (not in Eq. 5).
         batch_stats: ``"joint"`` (one forward over ``2B`` images) or ``"per_view"`` (one forward per view), see
             above.
+        detach_target: deprecated name of ``detach_targets`` (a FutureWarning; removed in the next release).
         **kwargs: :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
 
     Raises:
@@ -78,12 +80,23 @@ class SelfDistillModule(ClassifierModule):
         kl_weight: float = 1.0,
         mmd_weight: float = 5e-4,
         terms: Terms = "ce+kl+mmd",
-        detach_target: bool = True,
+        detach_targets: bool = True,
         t2_scaling: bool = False,
         batch_stats: BatchStats = "joint",
+        detach_target: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        if detach_target is not None:
+            warnings.warn(
+                "SelfDistillModule's detach_target is deprecated: use detach_targets (the same option, named as in "
+                "the group methods); detach_target will be removed in the next release",
+                FutureWarning,
+                stacklevel=2,
+            )
+            detach_targets = detach_target
         super().__init__(**kwargs)
+        self.hparams.pop("detach_target", None)
+        self.hparams["detach_targets"] = detach_targets
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if kl_weight < 0:
@@ -94,13 +107,6 @@ class SelfDistillModule(ClassifierModule):
             raise ValueError(f"unknown terms={terms!r}; choose one of {list(TERMS)}")
         if batch_stats not in BATCH_STATS:
             raise ValueError(f"unknown batch_stats={batch_stats!r}; choose one of {list(BATCH_STATS)}")
-        self.temperature = temperature
-        self.kl_weight = kl_weight
-        self.mmd_weight = mmd_weight
-        self.terms = terms
-        self.detach_target = detach_target
-        self.t2_scaling = t2_scaling
-        self.batch_stats = batch_stats
         # The backbone's compiled __call__ (ClassifierModule) gives only logits: compile the features path too.
         self._features_and_logits: Callable[[Tensor], tuple[Tensor, Tensor]] = (
             torch.compile(self.features_and_logits) if self.hparams.compile else self.features_and_logits
@@ -116,7 +122,7 @@ class SelfDistillModule(ClassifierModule):
 
     def two_view_outputs(self, view_a: Tensor, view_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(h_a, h_b, z_a, z_b)``: features and logits of both views, in one or two passes (``batch_stats``)."""
-        if self.batch_stats == "per_view":
+        if self.hparams.batch_stats == "per_view":
             h_a, z_a = self._features_and_logits(view_a)
             h_b, z_b = self._features_and_logits(view_b)
             return h_a, h_b, z_a, z_b
@@ -139,16 +145,18 @@ class SelfDistillModule(ClassifierModule):
         view_a, view_b, y = self.unpack_views(batch)
         h_a, h_b, z_a, z_b = self.two_view_outputs(view_a, view_b)
         losses = {"ce": self.cross_entropy(z_a, y) + self.cross_entropy(z_b, y)}
-        terms = self.terms.split("+")
+        hp = self.hparams
+        terms = hp.terms.split("+")
         if "kl" in terms:
-            losses["kl"] = self.kl_weight * self.mutual_kl(z_a, z_b)
+            losses["kl"] = hp.kl_weight * self.mutual_kl(z_a, z_b)
         if "mmd" in terms:
-            losses["mmd"] = self.mmd_weight * empirical_mmd(h_a, h_b)
+            losses["mmd"] = hp.mmd_weight * empirical_mmd(h_a, h_b)
         return losses
 
     def mutual_kl(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
         """:math:`D_{KL}(p_b \\| p_a) + D_{KL}(p_a \\| p_b)` at temperature ``T`` (Eq. 3 twice), targets detached
-        unless ``detach_target=False``, times :math:`T^2` with ``t2_scaling``."""
-        target_a, target_b = (logits_a.detach(), logits_b.detach()) if self.detach_target else (logits_a, logits_b)
-        t, t2 = self.temperature, self.t2_scaling
+        unless ``detach_targets=False``, times :math:`T^2` with ``t2_scaling``."""
+        hp = self.hparams
+        target_a, target_b = (logits_a.detach(), logits_b.detach()) if hp.detach_targets else (logits_a, logits_b)
+        t, t2 = hp.temperature, hp.t2_scaling
         return kd_kl_div_logits(logits_a, target_b, t, t2) + kd_kl_div_logits(logits_b, target_a, t, t2)

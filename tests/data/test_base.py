@@ -14,14 +14,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kd_lightning.data.base import (
-    ClassificationDataModule,
-    DataAttribute,
-    DataProtocol,
-    TransformedSubset,
-    data_attribute,
-    stratified_split,
-)
+from kd_lightning.data.base import ClassificationDataModule, DataAttribute, DataProtocol, data_attribute
+from kd_lightning.data.subsets import TransformedSubset, stratified_split
 from kd_lightning.data.transforms import BatchAugment
 
 NUM_CLASSES = 4
@@ -372,7 +366,33 @@ PACKAGE = Path(__file__).resolve().parents[2] / "kd_lightning"
 
 def test_protocol_members_are_the_data_attribute_names():
     members = {name for name in vars(DataProtocol) if not name.startswith("_")}
-    assert members == PROTOCOL == {"num_classes", "views", "superclass_map", "device_transform"}
+    assert (
+        members
+        == PROTOCOL
+        == {
+            "num_classes",
+            "views",
+            "superclass_map",
+            "device_transform",
+            "train_shard_dataloader",
+        }
+    )
+
+
+def _indices(loader) -> list[int]:
+    return [int(i) for x, _ in loader for i in x[:, 0, 0, 0]]
+
+
+def test_train_shard_dataloader_shards_one_seeded_order_of_the_training_set():
+    dm = ToyDataModule(batch_size=7, val_size=12, drop_last=True)
+    dm.setup("fit")
+    training = sorted(_indices(dm._loader(dm.train_set, train=False)))
+    shards = [_indices(dm.train_shard_dataloader(5, rank, 3)) for rank in range(3)]
+    whole = _indices(dm.train_shard_dataloader(5))
+    assert len(whole) == 48 and sorted(whole) == training  # every sample once, no batch dropped
+    assert [whole[rank::3] for rank in range(3)] == shards  # shard r: every 3rd sample of the order from r
+    assert whole == _indices(dm.train_shard_dataloader(5)) != _indices(dm.train_shard_dataloader(6))
+    assert whole != training
 
 
 def test_classification_datamodules_implement_the_protocol():

@@ -41,7 +41,7 @@ def build(num_peers: int | None = None) -> tuple[DUPSModule, SyntheticDataModule
         num_classes=6,
         backbone_kwargs={"in_features": 16, "hidden": 32},
         num_stages=2,
-        num_peers=num_peers,
+        peers_per_class=num_peers,
         optimizer=frozen_sgd,
     )
     strip_batchnorm(module.backbone)

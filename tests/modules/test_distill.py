@@ -205,7 +205,7 @@ def test_student_checkpoint_leaves_the_teacher_out_and_reloads_from_hparams(tmp_
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])
     assert saved["hyper_parameters"]["teacher_checkpoint"] == teacher_ckpt
     loaded = load_module(tmp_path / "student.ckpt")
-    assert type(loaded) is DistillModule and loaded.target_kind == "pt+sim" and loaded.alpha == 0.3
+    assert type(loaded) is DistillModule and loaded.hparams.target_kind == "pt+sim" and loaded.hparams.alpha == 0.3
     for a, b in zip(module.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.allclose(loaded.class_table, module.class_table)
@@ -322,5 +322,5 @@ def test_teacher_cache_runs_the_teacher_in_the_first_epoch_only(tmp_path, teache
     # the cached target is the teacher's (float16)
     x, y = next(iter(tiny_synthetic.train_dataloader()))
     cached = module.teacher_targets(x, y)
-    assert torch.allclose(cached, (module.teacher(x) / module.temperature).softmax(-1), atol=1e-3)
+    assert torch.allclose(cached, (module.teacher(x) / module.hparams.temperature).softmax(-1), atol=1e-3)
     assert "teacher_cache.keys" not in module.state_dict()

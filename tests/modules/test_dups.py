@@ -13,8 +13,9 @@ from torch import nn
 
 from kd_lightning import ClassTargetTable, DUPSModule, RNGStateCheckpoint, cyclic_cosine, load_module
 from kd_lightning.data import SyntheticDataModule
+from kd_lightning.losses import KDSettings
 from kd_lightning.modules.class_targets import _random_rank_within_class
-from kd_lightning.modules.distributed import ShardPadding
+from kd_lightning.modules.distributed import RankGroup, ShardPadding
 from kd_lightning.modules.dups import StageSchedule
 from kd_lightning.optim import NesterovSGD
 from tests.helpers import TINY_SYNTHETIC, CrashAt, fast_trainer, tiny_mlp_kwargs
@@ -103,7 +104,7 @@ def _naive_class_means(values: torch.Tensor, labels: torch.Tensor) -> dict[int, 
 def test_targets_are_the_per_class_means(average):
     torch.manual_seed(0)
     logits, labels = 3 * torch.randn(40, 5), torch.randint(0, 4, (40,))  # class 4 is never seen
-    table = ClassTargetTable(5, temperature=2.0, average=average)
+    table = ClassTargetTable(5, KDSettings(2.0), average=average)
     for chunk in range(0, 40, 16):  # several batches
         table.update(logits[chunk : chunk + 16], labels[chunk : chunk + 16])
     counts = table.finalize()
@@ -121,7 +122,7 @@ def test_targets_are_the_per_class_means(average):
 
 
 def test_unseen_class_keeps_its_previous_target():
-    table = ClassTargetTable(3, temperature=1.0)
+    table = ClassTargetTable(3, KDSettings(1.0))
     table.update(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1]))
     table.finalize()
     before = table.targets.clone()
@@ -148,7 +149,7 @@ def test_num_peers_keeps_a_uniformly_random_subset_of_n_per_class():
     torch.manual_seed(0)
     trials = 200
     for _ in range(trials):
-        table = ClassTargetTable(2, temperature=1.0, num_peers=3, average="logits")
+        table = ClassTargetTable(2, KDSettings(1.0), peers_per_class=3, average="logits")
         table.update(values[:7], labels[:7])  # class 0: 3 of its 5; class 1: samples 5 and 6
         table.update(values[7:], labels[7:])  # class 1: one more, of 7, 8, 9
         table.update(values, labels)  # classes full: adds nothing
@@ -162,18 +163,18 @@ def test_num_peers_keeps_a_uniformly_random_subset_of_n_per_class():
 
 
 def test_peers_per_rank_split_n_exactly():
-    table = ClassTargetTable(2, temperature=1.0, num_peers=5)
+    table = ClassTargetTable(2, KDSettings(1.0), peers_per_class=5)
     assert [table.peers_per_rank(r, 2) for r in range(2)] == [3, 2]
     assert [table.peers_per_rank(r, 3) for r in range(3)] == [2, 2, 1]
-    one = ClassTargetTable(2, temperature=1.0, num_peers=1)
+    one = ClassTargetTable(2, KDSettings(1.0), peers_per_class=1)
     assert [one.peers_per_rank(r, 2) for r in range(2)] == [1, 0]
-    assert ClassTargetTable(2, temperature=1.0).peers_per_rank(1, 4) is None
+    assert ClassTargetTable(2, KDSettings(1.0)).peers_per_rank(1, 4) is None
 
 
 def test_finalize_sums_over_ranks_before_dividing():
     torch.manual_seed(1)
     logits, labels = torch.randn(30, 3), torch.tensor([0] * 4 + [1] * 6 + [0] * 16 + [2] * 4)
-    ranks = [ClassTargetTable(3, temperature=1.0) for _ in range(2)]
+    ranks = [ClassTargetTable(3, KDSettings(1.0)) for _ in range(2)]
     ranks[0].update(logits[:10], labels[:10])
     ranks[1].update(logits[10:], labels[10:])
     local = [torch.cat([t.sums, t.counts[:, None]], dim=1) for t in ranks]
@@ -181,7 +182,8 @@ def test_finalize_sums_over_ranks_before_dividing():
     def all_reduce_sum(stats: torch.Tensor) -> torch.Tensor:
         return local[0] + local[1]
 
-    ranks[0].finalize(all_reduce_sum)
+    ranks[0].ranks = RankGroup(0, 2, all_reduce_sum)
+    ranks[0].finalize()
     expected = _naive_class_means(logits.softmax(-1), labels)
     for c in range(3):
         assert torch.allclose(ranks[0].targets[c], expected[c], atol=1e-6)
@@ -196,7 +198,9 @@ def test_masked_samples_are_not_counted(num_peers, average):
     torch.manual_seed(0)
     logits, labels = torch.randn(12, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
     mask = torch.tensor([True] * 9 + [False] * 3)  # the padding: the last samples of a shard
-    masked, subset = (ClassTargetTable(3, temperature=1.0, num_peers=num_peers, average=average) for _ in range(2))
+    masked, subset = (
+        ClassTargetTable(3, KDSettings(1.0), peers_per_class=num_peers, average=average) for _ in range(2)
+    )
     masked.update(logits, labels, mask=mask)
     subset.update(logits[:9], labels[:9])
     assert masked.counts.tolist() == subset.counts.tolist() == [min(3, num_peers or 3)] * 3
@@ -210,7 +214,7 @@ def test_a_masked_sample_takes_no_place_in_its_class_quota():
     labels, mask = torch.zeros(4, dtype=torch.long), torch.tensor([False, True, False, True])
     for seed in range(20):
         torch.manual_seed(seed)
-        table = ClassTargetTable(2, temperature=1.0, num_peers=2, average="logits")
+        table = ClassTargetTable(2, KDSettings(1.0), peers_per_class=2, average="logits")
         table.update(values, labels, mask=mask)
         assert table.counts.tolist() == [2.0, 0.0] and table.sums[0, 0] == 2.0 + 8.0
 
@@ -221,7 +225,7 @@ def test_an_all_true_mask_changes_nothing_not_even_the_rng(num_peers):
     tables = []
     for mask in (None, torch.ones(10, dtype=torch.bool)):
         torch.manual_seed(0)
-        table = ClassTargetTable(3, temperature=1.0, num_peers=num_peers)
+        table = ClassTargetTable(3, KDSettings(1.0), peers_per_class=num_peers)
         table.update(logits, labels, mask=mask)
         tables.append((table.sums, table.counts, torch.rand(1)))
     assert all(torch.equal(a, b) for a, b in zip(*tables, strict=True))
@@ -308,14 +312,13 @@ def test_dups_maps_a_windows_mask_onto_its_tokens():
     ("kwargs", "match"),
     [
         ({"num_classes": 0}, "num_classes must be >= 1"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"num_peers": 0}, r"num_peers must be >= 1 or None"),
+        ({"peers_per_class": 0}, r"peers_per_class must be >= 1 or None"),
         ({"average": "median"}, "average must be 'probs' or 'logits'"),
     ],
 )
 def test_table_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ClassTargetTable(**{"num_classes": 3, "temperature": 1.0, **kwargs})
+        ClassTargetTable(**{"num_classes": 3, "settings": KDSettings(1.0), **kwargs})
 
 
 # ----------------------------------------------------------------------------------------------- stage arithmetic
@@ -364,7 +367,8 @@ def test_bad_stages_fail_at_the_start_of_fit(tmp_path, tiny_synthetic):
         ({"cyclic_lr": True, "warmup_epochs": 2}, "cyclic_lr builds its own schedule"),
         ({"cyclic_lr": True, "lr_scheduler": torch.optim.lr_scheduler.StepLR}, "cyclic_lr builds its own schedule"),
         ({"statistics": "offline"}, "statistics must be 'online' or 'recompute'"),
-        ({"num_peers": 0}, r"num_peers must be >= 1 or None"),
+        ({"peers_per_class": 0}, r"peers_per_class must be >= 1 or None"),
+        ({"peers_per_class": 2, "num_peers": 2}, "set peers_per_class only"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -445,12 +449,12 @@ class EndOfEpochWeights(Callback):
 def test_recompute_mode_uses_the_stage_end_model_in_eval_mode(tmp_path, num_peers):
     pl.seed_everything(0)
     data = SyntheticDataModule(**TINY_SYNTHETIC)
-    module = DUPSModule(**tiny_mlp_kwargs(), num_stages=2, statistics="recompute", num_peers=num_peers)
+    module = DUPSModule(**tiny_mlp_kwargs(), num_stages=2, statistics="recompute", peers_per_class=num_peers)
     weights = EndOfEpochWeights()
     recorder = PhaseRecorder()
     counts: list[torch.Tensor] = []
     finalize = module.class_targets.finalize
-    module.class_targets.finalize = lambda reduce=None: counts.append(finalize(reduce)) or counts[-1]
+    module.class_targets.finalize = lambda: counts.append(finalize()) or counts[-1]
     fast_trainer(tmp_path, max_epochs=2, callbacks=[weights, recorder]).fit(module, datamodule=data)
     assert recorder.collects == [False, False]  # no statistics from the training steps
     stage_end = weights.backbones[0].eval()
@@ -475,7 +479,7 @@ def test_recompute_mode_uses_the_stage_end_model_in_eval_mode(tmp_path, num_peer
 def _fit(root, seed: int, crash_at: int | None = None, ckpt_path=None) -> DUPSModule:
     pl.seed_everything(seed)
     data = SyntheticDataModule(**TINY_SYNTHETIC)
-    module = DUPSModule(**tiny_mlp_kwargs(), num_stages=3, num_peers=4)  # num_peers: the statistics draw from the RNG
+    module = DUPSModule(**tiny_mlp_kwargs(), num_stages=3, peers_per_class=4)  # peers: the statistics draw from the RNG
     callbacks = [ModelCheckpoint(dirpath=root, save_last=True), RNGStateCheckpoint()]
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
@@ -524,7 +528,7 @@ def test_load_module_restores_dups_and_its_targets(tmp_path, uninterrupted):
     uninterrupted.trainer.save_checkpoint(path)
     loaded = load_module(path)
     assert type(loaded) is DUPSModule
-    assert loaded.hparams.num_peers == 4 and loaded.hparams.num_stages == 3
+    assert loaded.hparams.peers_per_class == 4 and loaded.hparams.num_stages == 3
     assert _same_state(uninterrupted, loaded)
 
 
@@ -579,3 +583,19 @@ def test_benchmark_rows_time_the_distillation_and_statistics_phases():
     assert module.current_stage() == 1 and not module.collects_statistics()
     for name in ("dups_stats", "sd"):
         assert time_lightning(METHODS[name], cfg) > 0
+
+
+def test_num_peers_is_a_deprecated_name_of_peers_per_class(tmp_path):
+    with pytest.warns(FutureWarning, match="num_peers is deprecated: use peers_per_class"):
+        module = DUPSModule(**tiny_mlp_kwargs(), num_peers=3)
+    assert module.hparams.peers_per_class == 3 and "num_peers" not in module.hparams
+    assert module.class_targets.peers_per_class == 3
+
+
+def test_recompute_needs_a_datamodule_that_gives_the_shard_loader(tmp_path):
+    data = SyntheticDataModule(**TINY_SYNTHETIC)
+    data.setup("fit")
+    module = DUPSModule(**tiny_mlp_kwargs(), num_stages=2, statistics="recompute")
+    loader = torch.utils.data.DataLoader(data.train_set, batch_size=16)
+    with pytest.raises(ValueError, match="train_shard_dataloader"):
+        fast_trainer(tmp_path, max_epochs=2).fit(module, train_dataloaders=loader)

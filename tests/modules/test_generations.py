@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kd_lightning import GenerationModule, load_module
 from kd_lightning.checkpoints import write_module_checkpoint
 from kd_lightning.losses import score_difference
-from kd_lightning.modules.generations import eta_from_confidence
+from kd_lightning.modules.generations import eta_from_confidence, generation_metric_prefix
 from tests.helpers import TINY_SYNTHETIC, tiny_mlp_kwargs
 
 
@@ -223,3 +223,13 @@ def test_no_teacher_option():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GenerationModule(**{**tiny_mlp_kwargs(), **kwargs})
+
+
+def test_generation_metric_prefixes():
+    """The names the module logs under and the GenerationalKD tables read, from one helper."""
+    assert generation_metric_prefix("val", 2, 2) == "val/gen2/"
+    assert generation_metric_prefix("val", 2, 2, ensemble=True) == "val/gen2/ensemble/"
+    assert generation_metric_prefix("test", 2, 2) == "test/"
+    assert generation_metric_prefix("test", 2, 2, ensemble=True) == "test/ensemble/"
+    assert generation_metric_prefix("test", 1, 2) == "test/gen1/"
+    assert generation_metric_prefix("test", 1, 2, ensemble=True) == "test/ensemble1/"

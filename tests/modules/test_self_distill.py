@@ -83,7 +83,7 @@ def test_kl_gradient_is_the_papers(temperature):
 def test_attached_targets_follow_the_full_gradient():
     torch.manual_seed(1)
     z_a, z_b = torch.randn(3, C, requires_grad=True), torch.randn(3, C, requires_grad=True)
-    SelfDistillModule(**MLP, temperature=2.0, detach_target=False).mutual_kl(z_a, z_b).backward()
+    SelfDistillModule(**MLP, temperature=2.0, detach_targets=False).mutual_kl(z_a, z_b).backward()
     a, b = z_a.detach().clone().requires_grad_(), z_b.detach().clone().requires_grad_()
     p_a, p_b = (a / 2.0).softmax(-1), (b / 2.0).softmax(-1)
     (_kl(p_b, p_a) + _kl(p_a, p_b)).backward()
@@ -297,7 +297,8 @@ def test_short_fit_on_tiny_cifar(cifar10_dir, tmp_path):
     assert 0.0 <= trainer.callback_metrics["test/acc1"] <= 1.0
     trainer.save_checkpoint(tmp_path / "sd.ckpt")
     loaded = load_module(tmp_path / "sd.ckpt")
-    assert isinstance(loaded, SelfDistillModule) and (loaded.temperature, loaded.terms) == (3.0, "ce+kl+mmd")
+    assert isinstance(loaded, SelfDistillModule)
+    assert (loaded.hparams.temperature, loaded.hparams.terms) == (3.0, "ce+kl+mmd")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), module.eval()(x))
 
@@ -355,3 +356,9 @@ def test_benchmark_row_trains_from_plain_loaders(tmp_path):
         ]
     )
     assert [r["method"] for r in rows] == ["ce", "self_distill"] and rows[1]["step_ms"] > 0
+
+
+def test_detach_target_is_a_deprecated_name_of_detach_targets():
+    with pytest.warns(FutureWarning, match="detach_target is deprecated: use detach_targets"):
+        module = SelfDistillModule(**MLP, detach_target=False)
+    assert module.hparams.detach_targets is False and "detach_target" not in module.hparams

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.losses import kd_kl_div
+from kd_lightning.losses import KDSettings, kd_kl_div
 from kd_lightning.modules.class_targets import ClassTargetTable, TopKClassTargetTable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def fill(table, logits: torch.Tensor, labels: torch.Tensor, batch: int = 16) -> 
 
 def test_rows_sum_to_one_and_its_kl_is_the_dense_kl_of_the_same_distribution():
     torch.manual_seed(0)
-    table = TopKClassTargetTable(12, temperature=2.0, k=3)
+    table = TopKClassTargetTable(12, KDSettings(2.0), k=3)
     fill(table, *structured_logits(12, 200))
     table.finalize()
     dense = table.dense()
@@ -41,14 +41,15 @@ def test_rows_sum_to_one_and_its_kl_is_the_dense_kl_of_the_same_distribution():
     logits, labels = torch.randn(40, 12), torch.randint(0, 12, (40,))
     for t2 in (True, False):
         expected = kd_kl_div(logits, dense[labels], 2.0, t2)
-        ce, kd = table.ce_and_kd_loss(logits, labels, 2.0, t2)  # the fused path of DUPS's stages >= 1
+        table.settings = KDSettings(2.0, t2)
+        ce, kd = table.ce_and_kd_loss(logits, labels)  # the fused path of DUPS's stages >= 1
         torch.testing.assert_close(kd, expected)
         torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, labels))
 
 
 def test_bounded_statistics_keep_the_dense_tables_top_k():
     logits, labels = structured_logits(40, 2000)
-    dense, topk = ClassTargetTable(40, temperature=2.0), TopKClassTargetTable(40, temperature=2.0, k=5)
+    dense, topk = ClassTargetTable(40, KDSettings(2.0)), TopKClassTargetTable(40, KDSettings(2.0), k=5)
     fill(dense, logits, labels)
     fill(topk, logits, labels)
     assert topk.stat_values.shape == (40, 10)  # the working width m = 2k, whatever the number of samples
@@ -65,7 +66,7 @@ def test_bounded_statistics_keep_the_dense_tables_top_k():
 
 def test_exact_when_the_working_width_covers_every_class():
     logits, labels = structured_logits(6, 300)
-    dense, topk = ClassTargetTable(6, temperature=3.0), TopKClassTargetTable(6, temperature=3.0, k=3)
+    dense, topk = ClassTargetTable(6, KDSettings(3.0)), TopKClassTargetTable(6, KDSettings(3.0), k=3)
     fill(dense, logits, labels)
     fill(topk, logits, labels)
     dense.finalize()
@@ -77,11 +78,11 @@ def test_exact_when_the_working_width_covers_every_class():
 
 
 def test_unseen_classes_give_no_kd_term_and_keep_their_previous_row():
-    table = TopKClassTargetTable(5, temperature=1.0, k=2)
+    table = TopKClassTargetTable(5, KDSettings(1.0), k=2)
     table.update(torch.randn(4, 5), torch.tensor([0, 0, 1, 1]))
     counts = table.finalize()
     assert counts.tolist() == [2, 2, 0, 0, 0] and table.has_target.tolist() == [True, True, False, False, False]
-    assert table.ce_and_kd_loss(torch.randn(3, 5), torch.tensor([2, 3, 4]), 1.0)[1] == 0
+    assert table.ce_and_kd_loss(torch.randn(3, 5), torch.tensor([2, 3, 4]))[1] == 0
     row = table.dense()[0].clone()
     table.update(torch.randn(2, 5), torch.tensor([1, 1]))
     table.finalize()
@@ -90,7 +91,7 @@ def test_unseen_classes_give_no_kd_term_and_keep_their_previous_row():
 
 def test_num_peers_quota_counts_as_the_dense_table():
     torch.manual_seed(0)
-    table = TopKClassTargetTable(4, temperature=1.0, k=2, num_peers=3)
+    table = TopKClassTargetTable(4, KDSettings(1.0), k=2, peers_per_class=3)
     fill(table, *structured_logits(4, 64), batch=8)
     assert table.counts.tolist() == [3, 3, 3, 3]
 
@@ -100,7 +101,7 @@ def test_masked_samples_are_not_counted(num_peers):
     """A distributed sampler's padding (``mask`` False) adds nothing and takes no place in its class's quota."""
     logits, labels = structured_logits(6, 40)
     mask = torch.arange(40) < 33
-    masked, subset = (TopKClassTargetTable(6, temperature=2.0, k=2, num_peers=num_peers) for _ in range(2))
+    masked, subset = (TopKClassTargetTable(6, KDSettings(2.0), k=2, peers_per_class=num_peers) for _ in range(2))
     masked.update(logits, labels, mask=mask)
     subset.update(logits[:33], labels[:33])
     assert torch.equal(masked.counts, subset.counts)
@@ -112,11 +113,15 @@ def test_masked_samples_are_not_counted(num_peers):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"k": 0}, "1 <= k < num_classes=5"), ({"k": 5}, "1 <= k < num_classes=5"), ({"k": 2, "temperature": 0}, "> 0")],
+    [
+        ({"k": 0}, "1 <= k < num_classes=5"),
+        ({"k": 5}, "1 <= k < num_classes=5"),
+        ({"k": 2, "peers_per_class": 0}, ">= 1 or None"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TopKClassTargetTable(**{"num_classes": 5, "temperature": 1.0, **kwargs})
+        TopKClassTargetTable(**{"num_classes": 5, "settings": KDSettings(1.0), **kwargs})
 
 
 def test_two_processes_merge_their_statistics_into_the_one_process_table(tmp_path):
@@ -128,7 +133,7 @@ def test_two_processes_merge_their_statistics_into_the_one_process_table(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     logits, labels = structured_logits(40, 2000)
-    single = TopKClassTargetTable(40, temperature=2.0, k=5)
+    single = TopKClassTargetTable(40, KDSettings(2.0), k=5)
     fill(single, logits, labels)
     single.finalize()
     for rank in ranks:

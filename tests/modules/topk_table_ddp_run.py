@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kd_lightning.losses import KDSettings
 from kd_lightning.modules.class_targets import TopKClassTargetTable
+from kd_lightning.modules.distributed import RankGroup
 from tests.modules.test_topk_table import fill, structured_logits
 
 
@@ -21,12 +23,18 @@ def worker(rank: int, out: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ["TOPK_PORT"]})
     dist.init_process_group("gloo", rank=rank, world_size=2)
     logits, labels = structured_logits(40, 2000)
-    table = TopKClassTargetTable(40, temperature=2.0, k=5)
+    table = TopKClassTargetTable(40, KDSettings(2.0), k=5)
+    table.ranks = RankGroup(rank, 2, _all_reduce_sum)
     fill(table, logits[rank::2], labels[rank::2])
     counts = table.finalize()
     assert int(counts.sum()) == 2000  # both halves counted on every rank
     torch.save({"values": table.values, "indices": table.indices}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor)
+    return tensor
 
 
 if __name__ == "__main__":
