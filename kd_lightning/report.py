@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.sweep import Grid, GridError
+from kd_lightning.grid import Grid, GridError
 
 __all__ = ["Cell", "ReportSpec", "cells", "main", "markdown", "read_results", "validation_curves", "write_report"]
 

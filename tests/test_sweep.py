@@ -20,9 +20,10 @@ import yaml
 
 from kd_lightning import sweep
 from kd_lightning.cli import main
+from kd_lightning.grid import Grid, GridError, Outcome, Run
 from kd_lightning.report import read_curve, validation_curves
 from kd_lightning.run_folder import SUMMARY_FILE
-from kd_lightning.sweep import Grid, GridError, Outcome, Run, run_grid
+from kd_lightning.sweep import run_grid
 from tests.helpers import TINY_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parents[1]
