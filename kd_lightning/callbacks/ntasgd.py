@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = ["NTASGD"]
 
@@ -45,6 +46,7 @@ class NTASGD(Callback):
         """Whether the average has been triggered."""
         return self.triggered_at is not None
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the epoch's metrics are final (as EarlyStopping): restore the raw weights, then the trigger test."""
         self._swap_out(pl_module)
@@ -60,6 +62,7 @@ class NTASGD(Callback):
             self.steps = 1
         self.history.append(value)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self.averaging:
             return
@@ -68,15 +71,19 @@ class NTASGD(Callback):
             torch._foreach_lerp_(self.average, [p.detach() for p in _params(pl_module)], 1.0 / self.steps)
 
     # --- evaluation with the average, and the average kept at the end
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out(pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaging:
             with torch.no_grad():
@@ -96,6 +103,7 @@ class NTASGD(Callback):
             self._saved = []
 
     # --- checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history,
@@ -104,6 +112,7 @@ class NTASGD(Callback):
             "steps": self.steps,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self.triggered_at = state_dict["triggered_at"]
