@@ -38,54 +38,29 @@ class WideResNet(PreActResNet):
 
 @register_backbone("wrn_16_2")
 def wrn_16_2(num_classes: int, dropout: float = 0.0) -> WideResNet:
-    """WRN-16-2 (Zagoruyko & Komodakis 2016): 3 x 2 blocks, 32/64/128 channels; 0.70M parameters (100 classes).
-
-    Args:
-        num_classes: outputs of the classifier.
-        dropout: dropout probability inside each block.
-    """
+    """WRN-16-2: 3 x 2 blocks, 32/64/128 channels; 0.70M parameters (100 classes)."""
     return WideResNet(16, 2, num_classes, dropout)
 
 
 @register_backbone("wrn_16_8")
 def wrn_16_8(num_classes: int, dropout: float = 0.0) -> WideResNet:
-    """WRN-16-8 (Zagoruyko & Komodakis 2016): 3 x 2 blocks, 128/256/512 channels; 11.0M parameters (100 classes).
-
-    Args:
-        num_classes: outputs of the classifier.
-        dropout: dropout probability inside each block.
-    """
+    """WRN-16-8: 3 x 2 blocks, 128/256/512 channels; 11.0M parameters (100 classes)."""
     return WideResNet(16, 8, num_classes, dropout)
 
 
 @register_backbone("wrn_28_10")
 def wrn_28_10(num_classes: int, dropout: float = 0.0) -> WideResNet:
-    """WRN-28-10 (Zagoruyko & Komodakis 2016): 3 x 4 blocks, 160/320/640 channels; 36.5M parameters (100 classes).
-
-    Args:
-        num_classes: outputs of the classifier.
-        dropout: dropout probability inside each block.
-    """
+    """WRN-28-10: 3 x 4 blocks, 160/320/640 channels; 36.5M parameters (100 classes)."""
     return WideResNet(28, 10, num_classes, dropout)
 
 
 @register_backbone("wrn_40_2")
 def wrn_40_2(num_classes: int, dropout: float = 0.0) -> WideResNet:
-    """WRN-40-2 (Zagoruyko & Komodakis 2016): 3 x 6 blocks, 32/64/128 channels; 2.26M parameters (100 classes).
-
-    Args:
-        num_classes: outputs of the classifier.
-        dropout: dropout probability inside each block.
-    """
+    """WRN-40-2: 3 x 6 blocks, 32/64/128 channels; 2.26M parameters (100 classes)."""
     return WideResNet(40, 2, num_classes, dropout)
 
 
 @register_backbone("wrn_40_4")
 def wrn_40_4(num_classes: int, dropout: float = 0.0) -> WideResNet:
-    """WRN-40-4 (Zagoruyko & Komodakis 2016): 3 x 6 blocks, 64/128/256 channels; 8.97M parameters (100 classes).
-
-    Args:
-        num_classes: outputs of the classifier.
-        dropout: dropout probability inside each block.
-    """
+    """WRN-40-4: 3 x 6 blocks, 64/128/256 channels; 8.97M parameters (100 classes)."""
     return WideResNet(40, 4, num_classes, dropout)
