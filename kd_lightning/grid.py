@@ -31,6 +31,7 @@ grid: :mod:`kd_lightning.sweep`.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
@@ -45,10 +46,12 @@ import yaml
 
 from kd_lightning.run_folder import SUMMARY_FILE, RunFolder
 
-__all__ = ["Grid", "GridError", "Outcome", "Run", "Variant", "now"]
+__all__ = ["Grid", "GridError", "Outcome", "Run", "Variant", "now", "read_curve", "validation_tag"]
 
 RESULTS_FILE = "results.jsonl"
 LOG_FILE = "run.log"
+EVENTS = "events.out.tfevents.*"
+CSV_LOG = "metrics.csv"
 GRID_KEYS = {"name", "title", "root", "seeds", "metrics", "baseline", "variants"}
 VARIANT_KEYS = {"name", "label", "config", "overrides", "paper", "needs", "baseline"}
 
@@ -270,6 +273,13 @@ class Run:
     def _fill(self, option: str) -> str:
         return option.replace("{root}", str(self.grid.root)).replace("{seed}", str(self.seed))
 
+    def curves(self) -> dict[str, dict[str, float]]:
+        """The validation curve of the grid's first metric (epoch -> value, from the run's logs), by its tag; the
+        results file keeps it, so a report can draw it after the run folder is gone."""
+        tag = validation_tag(self.grid.metrics[0])
+        curve = read_curve(self.folder, tag) if self.folder.is_dir() else {}
+        return {tag: {str(epoch): value for epoch, value in curve.items()}} if curve else {}
+
     def record(self, command: Sequence[str], outcome: Outcome | None, provenance: Mapping[str, Any]) -> dict[str, Any]:
         """The run's line of the results file, from its ``summary.json``; ``outcome`` ``None``: rebuilt for a run
         that finished without this file knowing it (wall time and memory unknown)."""
@@ -284,6 +294,7 @@ class Run:
             "steps": summary.get("steps"),
             "wall_s": None if outcome is None else round(outcome.wall_s, 3),
             "peak_rss_mb": None if outcome is None else round(outcome.peak_rss_mb, 1),
+            "curves": self.curves(),
             "resumed": "--ckpt_path" in command,
             "rebuilt": outcome is None,
             "folder": str(self.folder),
@@ -304,3 +315,41 @@ class Outcome:
 def now() -> str:
     """The current UTC time, to the second (ISO 8601)."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def validation_tag(metric: str) -> str:
+    """The validation counterpart of a test metric (``test/ppl`` -> ``val/ppl``)."""
+    return "val/" + metric.split("/", 1)[1] if metric.startswith("test/") else metric
+
+
+def read_curve(folder: Path, tag: str) -> dict[int, float]:
+    """``tag`` at the end of each epoch (numbered from 1) of a run, from its ``metrics.csv`` or, when it has none,
+    its TensorBoard event files (all of them: a resumed run has one per start); empty when neither has it."""
+    if (folder / CSV_LOG).is_file():
+        return _csv_curve(folder / CSV_LOG, tag)
+    if any(folder.glob(EVENTS)):
+        return _tensorboard_curve(folder, tag)
+    return {}
+
+
+def _csv_curve(path: Path, tag: str) -> dict[int, float]:
+    with path.open(newline="") as rows:
+        return {
+            int(float(row["epoch"])) + 1: float(row[tag])
+            for row in csv.DictReader(rows)
+            if row.get(tag) not in (None, "")
+        }
+
+
+def _tensorboard_curve(folder: Path, tag: str) -> dict[int, float]:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return {}
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if tag not in tags:
+        return {}
+    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
+    return {epoch_at.get(e.step, i) + 1: e.value for i, e in enumerate(events.Scalars(tag))}

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.grid import Grid, GridError
+from kd_lightning.grid import Grid, GridError, read_curve, validation_tag
 
 __all__ = ["Cell", "ReportSpec", "cells", "main", "markdown", "read_results", "validation_curves", "write_report"]
 
 REPORT_FILE = "report.md"
 TABLE_FILE = "report.csv"
 CURVES_FILE = "curves.png"
-EVENTS = "events.out.tfevents.*"
-CSV_LOG = "metrics.csv"
+CURVES_TABLE = "curves.csv"
 #: report.csv's columns: one row per variant and metric.
 CSV_COLUMNS = (
     "variant",
@@ -103,8 +102,9 @@ class Cell:
 
 
 def unit_scale(metric: str) -> float:
-    """100 for accuracies (``.../acc1``, ``.../acc5``), shown in percent; 1 otherwise."""
-    return 100.0 if metric.rsplit("/", 1)[-1].startswith("acc") else 1.0
+    """100 for accuracies (``.../acc1``, ``.../acc5``, ``.../mean_acc1``), shown in percent; 1 otherwise."""
+    name = metric.rsplit("/", 1)[-1]
+    return 100.0 if name.startswith("acc") or "_acc" in name else 1.0
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -229,55 +229,20 @@ def _csv(value: Any) -> Any:
     return "" if value is None else round(value, 6) if isinstance(value, float) else value
 
 
-def validation_tag(metric: str) -> str:
-    """The validation counterpart of a test metric (``test/ppl`` -> ``val/ppl``)."""
-    return "val/" + metric.split("/", 1)[1] if metric.startswith("test/") else metric
-
-
-def read_curve(folder: Path, tag: str) -> dict[int, float]:
-    """``tag`` at the end of each epoch (numbered from 1) of a run, from its ``metrics.csv`` or, when it has none,
-    its TensorBoard event files (all of them: a resumed run has one per start); empty when neither has it."""
-    if (folder / CSV_LOG).is_file():
-        return _csv_curve(folder / CSV_LOG, tag)
-    if any(folder.glob(EVENTS)):
-        return _tensorboard_curve(folder, tag)
-    return {}
-
-
-def _csv_curve(path: Path, tag: str) -> dict[int, float]:
-    with path.open(newline="") as rows:
-        return {
-            int(float(row["epoch"])) + 1: float(row[tag])
-            for row in csv.DictReader(rows)
-            if row.get(tag) not in (None, "")
-        }
-
-
-def _tensorboard_curve(folder: Path, tag: str) -> dict[int, float]:
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return {}
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    if tag not in tags:
-        return {}
-    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
-    return {epoch_at.get(e.step, i) + 1: e.value for i, e in enumerate(events.Scalars(tag))}
-
-
 def validation_curves(
     records: Iterable[Mapping[str, Any]], tag: str, root: Path | None = None
 ) -> dict[str, dict[int, dict[int, float]]]:
-    """variant -> seed -> epoch -> ``tag``, for the runs whose folder logged it: the record's ``folder`` (relative to
-    the directory the sweep ran in), else ``root/<variant>/seed<seed>`` (``root``: the results file's folder)."""
+    """variant -> seed -> epoch -> ``tag``: the record's own ``curves`` (the sweep stores the first metric's), else
+    from the logs of the run's folder: the record's ``folder`` (relative to the directory the sweep ran in), else
+    ``root/<variant>/seed<seed>`` (``root``: the results file's folder)."""
     curves: dict[str, dict[int, dict[int, float]]] = {}
     for record in records:
+        curve = {int(epoch): value for epoch, value in record.get("curves", {}).get(tag, {}).items()}
         folder = Path(record["folder"]) if record.get("folder") else None
         if (folder is None or not folder.is_dir()) and root is not None:
             folder = root / record["variant"] / f"seed{record['seed']}"
-        curve = read_curve(folder, tag) if folder is not None and folder.is_dir() else {}
+        if not curve and folder is not None and folder.is_dir():
+            curve = read_curve(folder, tag)
         if curve:
             curves.setdefault(record["variant"], {})[record["seed"]] = curve
     return curves
@@ -317,8 +282,19 @@ def plot_curves(
     plt.close(figure)
 
 
+def write_curves_csv(path: Path, curves: Mapping[str, Mapping[int, Mapping[int, float]]]) -> None:
+    """The curves as ``variant,seed,epoch,value`` rows (what the figure shows, as numbers)."""
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["variant", "seed", "epoch", "value"])
+        for variant, seeds in curves.items():
+            for seed, curve in sorted(seeds.items()):
+                writer.writerows([variant, seed, epoch, value] for epoch, value in sorted(curve.items()))
+
+
 def write_report(results: Path, spec: ReportSpec, out: Path) -> list[Path]:
-    """Write ``report.md``, ``report.csv`` and (when the runs logged the curves) ``curves.png`` into ``out``.
+    """Write ``report.md``, ``report.csv`` and (when the records or the runs' logs have the curves) ``curves.csv`` and
+    ``curves.png`` into ``out``.
 
     Returns:
         The files written.
@@ -333,6 +309,9 @@ def write_report(results: Path, spec: ReportSpec, out: Path) -> list[Path]:
     tag = validation_tag(spec.metrics[0]) if spec.metrics else ""
     curves = validation_curves(records, tag, results.parent) if tag else {}
     drawable = bool(curves) and _has_matplotlib()
+    if curves:
+        write_curves_csv(out / CURVES_TABLE, curves)
+        written.append(out / CURVES_TABLE)
     if drawable:
         plot_curves(curves, spec, tag, out / CURVES_FILE)
         written.append(out / CURVES_FILE)

@@ -21,7 +21,7 @@ import yaml
 from kd_lightning import sweep
 from kd_lightning.cli import main
 from kd_lightning.grid import Grid, GridError, Outcome, Run
-from kd_lightning.report import read_curve, validation_curves
+from kd_lightning.report import read_curve, unit_scale, validation_curves
 from kd_lightning.run_folder import SUMMARY_FILE
 from kd_lightning.sweep import run_grid
 from tests.helpers import TINY_SYNTHETIC
@@ -234,6 +234,7 @@ def test_local_sweep_runs_resumes_and_skips(tmp_path, monkeypatch, capsys):
         assert record["epochs"] == 2 and record["wall_s"] > 0 and record["peak_rss_mb"] > 50 and not record["rebuilt"]
         assert record["command"].startswith(f"{sys.executable} -m kd_lightning fit --config {QUICKSTART}")
         assert Path(record["folder"], "run.log").is_file() and "commit" in record and "date" in record
+        assert list(record["curves"]["val/acc1"]) == ["1", "2"]  # the curve travels with the results file
     resumed = done["ls/seed2"]
     assert resumed["resumed"] and resumed["command"].endswith("--ckpt_path last")
     uninterrupted = json.loads((tmp_path / "uninterrupted" / SUMMARY_FILE).read_text())["metrics"]
@@ -378,6 +379,11 @@ def test_report_reads_csv_logs_and_draws_the_curves(tmp_path, monkeypatch):
     assert set(validation_curves(lines, "val/ppl", root=tmp_path)) == {"a", "b"}
     assert main(["report", str(results), "--out", str(out), "--baseline", "a"]) is None
     assert (out / "curves.png").stat().st_size > 10_000
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert rows[0] == "variant,seed,epoch,value" and "b,2,3,107.0" in rows and len(rows) == 1 + 4 * 3
+    # a record that carries its curve needs no run folder
+    kept = {**lines[0], "folder": str(tmp_path / "gone"), "curves": {"val/ppl": {"1": 9.0, "2": 8.0}}}
+    assert validation_curves([kept], "val/ppl") == {"a": {1: {1: 9.0, 2: 8.0}}}
     assert "| b | 2 | 106.50 ± 0.71 | +5.00 ± 0.00 |" in (out / "report.md").read_text()
 
 
@@ -401,3 +407,12 @@ def test_help_of_the_commands(command, expected, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert f"kd-lightning {command}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_accuracies_are_shown_in_percent():
+    assert [unit_scale(m) for m in ("test/acc1", "test/mean_acc1", "test/ensemble/acc5", "test/ppl")] == [
+        100,
+        100,
+        100,
+        1,
+    ]
