@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kd-lightning-installed
 
 .PHONY: setup demo test bench lint clean
+.PHONY: docs docs-serve
 
 setup: $(STAMP)
 
@@ -26,6 +27,12 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: setup  # the documentation site into site/, strict: a warning (broken link, missing API object) fails it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup  # the site on http://127.0.0.1:8000, rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache
