@@ -110,26 +110,27 @@ def ptb15_test_ppl(out: Path) -> Path:
 
 
 def read_curves_csv(path: Path) -> dict[str, dict[int, dict[int, float]]]:
-    """variant -> seed -> epoch -> val_ppl from a ``curves.csv``."""
+    """variant -> seed -> epoch -> value from a ``curves.csv`` (``kd-lightning report``'s columns)."""
     curves: dict[str, dict[int, dict[int, float]]] = {}
     with path.open(newline="") as rows:
         for row in csv.DictReader(rows):
             curves.setdefault(row["variant"], {}).setdefault(int(row["seed"]), {})[int(row["epoch"])] = float(
-                row["val_ppl"]
+                row["value"]
             )
     return curves
 
 
 def ptb15_curves(out: Path) -> Path:
-    """Validation perplexity per epoch of the 15-epoch runs (``curves.csv``), else the report's ``curves.png``."""
+    """Validation perplexity per epoch of the 15-epoch runs (``curves.csv``, once it has the baseline's curves), else
+    the report's ``curves.png``."""
     path = out / "ptb_table5_curves.png"
     source = PTB15 / "curves.csv"
-    if not source.is_file():
+    grid = yaml.safe_load(PTB15_GRID.read_text())
+    curves = read_curves_csv(source) if source.is_file() else {}
+    if grid["baseline"] not in curves:
         shutil.copyfile(PTB15 / "curves.png", path)
         return path
     plt = _pyplot()
-    grid = yaml.safe_load(PTB15_GRID.read_text())
-    curves = read_curves_csv(source)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, variant in enumerate(v for v in grid["variants"] if v["name"] in curves):
         seeds = curves[variant["name"]]
@@ -271,7 +272,7 @@ def collect_curves(runs: Path, results: Path) -> Path:
             curves.setdefault(folder.parent.name, {})[int(folder.name.removeprefix("seed"))] = curve
     with path.open("w", newline="") as rows:
         writer = csv.writer(rows)
-        writer.writerow(["variant", "seed", "epoch", "val_ppl"])
+        writer.writerow(["variant", "seed", "epoch", "value"])
         for variant, seeds in sorted(curves.items()):
             for seed, curve in sorted(seeds.items()):
                 writer.writerows([variant, seed, epoch, round(value, 4)] for epoch, value in sorted(curve.items()))
