@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.checkpoints import record_module, upgrade
 from kd_lightning.data.base import data_attribute
 from kd_lightning.models.registry import create_backbone
+from kd_lightning.modules.distributed import destroy_process_group_at_exit
 from kd_lightning.modules.teacher import FrozenNetworks
 from kd_lightning.optim import NesterovSGD, warmup_cosine
 
@@ -221,6 +222,8 @@ class ClassifierModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         self._check_datamodule()
         self._build_metrics()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            destroy_process_group_at_exit()
 
     def _check_datamodule(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import atexit
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DistributedSampler
 
-__all__ = ["RankGroup", "ShardPadding", "distributed_sampler_of"]
+__all__ = ["RankGroup", "ShardPadding", "destroy_process_group_at_exit", "distributed_sampler_of"]
 
 
 def _no_reduction(tensor: Tensor) -> Tensor:
@@ -40,6 +41,23 @@ class RankGroup:
     def of_trainer(cls, trainer: Any) -> RankGroup:
         """The trainer's ranks, summed by its strategy (``strategy.reduce(..., reduce_op="sum")``)."""
         return cls(trainer.global_rank, trainer.world_size, partial(trainer.strategy.reduce, reduce_op="sum"))
+
+
+@cache
+def destroy_process_group_at_exit() -> None:
+    """Destroys this process's default process group when the interpreter exits (registered once per process).
+
+    Lightning registers this for NCCL only. A gloo process that exits with its group alive can abort while the
+    interpreter shuts down ("terminate called without an active exception", exit status -6 / SIGABRT) once the run
+    has finished, which makes a finished ``ddp`` run look failed to a script or a sweep. Every method module asks
+    for it in ``setup`` when it runs on several processes.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def distributed_sampler_of(loader: Any) -> DistributedSampler | None:
