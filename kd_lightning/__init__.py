@@ -1,6 +1,7 @@
 """kd-lightning: knowledge-distillation methods as PyTorch Lightning modules.
 
-The public API: method modules, callbacks, datamodules, the backbone registry and :func:`load_module`.
+The public API: method modules, callbacks, datamodules, the backbone registry, :func:`load_module`, and the export
+and prediction of a trained method's network.
 """
 
 from kd_lightning.callbacks import NTASGD, DistillDiagnostics, GenerationalKD, RNGStateCheckpoint
@@ -19,6 +20,7 @@ from kd_lightning.data import (
     SyntheticDataModule,
     TwoViews,
 )
+from kd_lightning.export import export_checkpoint, inference_network
 from kd_lightning.models import Backbone, create_backbone, list_backbones, register_backbone
 from kd_lightning.modules import (
     ClassifierModule,
@@ -42,6 +44,7 @@ from kd_lightning.modules import (
     TopKClassTargetTable,
 )
 from kd_lightning.optim import DelayedExponentialLR, LanguageModelSGD, NesterovSGD, cyclic_cosine, warmup_cosine
+from kd_lightning.predict import predict_images
 
 __version__ = "0.1.0"
 
@@ -87,8 +90,11 @@ __all__ = [
     "TwoViews",
     "create_backbone",
     "cyclic_cosine",
+    "export_checkpoint",
+    "inference_network",
     "list_backbones",
     "load_module",
+    "predict_images",
     "register_backbone",
     "warmup_cosine",
 ]

@@ -5,7 +5,7 @@ A kd-lightning checkpoint is a Lightning checkpoint with one more entry, ``check
 ``class_path`` (the module's class, for :func:`load_module`) and ``frozen`` (``{name: [state_dict, ...]}``: the
 networks a module holds outside its module tree and saves, e.g. a ``DistillModule``'s teacher with
 ``save_teacher=True``, a ``GenerationModule``'s finished generations). The ``kd-lightning`` CLI adds the run's model
-options under :data:`CONFIG_KEY`.
+and datamodule options under :data:`CONFIG_KEY`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from kd_lightning.models.registry import weights_loaded_later
 
 if TYPE_CHECKING:
     from kd_lightning.modules.classifier import ClassifierModule
@@ -25,11 +29,13 @@ __all__ = [
     "CONFIG_KEY",
     "CheckpointError",
     "backbone_weights",
+    "checkpoint_datamodule",
     "frozen_states",
     "load_module",
     "read_checkpoint",
     "record_module",
     "recorded",
+    "saved_data_config",
     "saved_model_config",
     "store_frozen",
     "upgrade",
@@ -39,7 +45,7 @@ __all__ = [
 #: The entry kd-lightning adds to Lightning's checkpoints.
 ENTRY = "kd_lightning"
 
-#: The checkpoint entry where the ``kd-lightning`` CLI saves the run's model options (``{"model": {...}}``).
+#: The checkpoint entry where the ``kd-lightning`` CLI saves the run's options (``{"model": {...}, "data": {...}}``).
 CONFIG_KEY = "kd_lightning_config"
 
 #: What :func:`read_checkpoint` accepts, as its error messages say it.
@@ -93,6 +99,32 @@ def saved_model_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     init_args.pop("_instantiator", None)
     class_path = init_args.pop("_class_path", None) or (checkpoint.get("kd_lightning") or {}).get("class_path")
     return {"class_path": class_path, "init_args": init_args} if class_path else {"init_args": init_args}
+
+
+def saved_data_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    """The datamodule options (``{"class_path": ..., "init_args": {...}}``) the checkpoint at ``path`` was trained
+    with: saved in it by the ``kd-lightning`` CLI, else the ``config.yaml`` of its run folder (beside it or one folder
+    up, ``RUN/config.yaml`` for ``RUN/checkpoints/last.ckpt``); None when neither has them."""
+    saved = (checkpoint.get(CONFIG_KEY) or {}).get("data")
+    if saved:
+        return saved
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            return (yaml.safe_load(config.read_text()) or {}).get("data")
+    return None
+
+
+def checkpoint_datamodule(checkpoint: dict[str, Any], path: str | Path) -> pl.LightningDataModule | None:
+    """The datamodule the checkpoint (read from ``path``) was trained with, built from :func:`saved_data_config`
+    (nothing is loaded: a datamodule reads its data in ``setup``); None when the checkpoint does not say."""
+    config = saved_data_config(checkpoint, path)
+    if config is None:
+        return None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    return parser.instantiate(parser.parse_object({"data": config})).data
 
 
 def record_module(checkpoint: dict[str, Any], module: Any, **info: Any) -> None:
@@ -211,4 +243,5 @@ def load_module(path: str | Path, map_location: Any = "cpu", **overrides: Any) -
     buffer = io.BytesIO()  # the upgraded checkpoint: hyperparameters of an earlier version build today's class
     torch.save(checkpoint, buffer)
     buffer.seek(0)
-    return cls.load_from_checkpoint(buffer, map_location=map_location, weights_only=False, **overrides)
+    with weights_loaded_later():  # the checkpoint's weights replace any pretrained ones: none are read or downloaded
+        return cls.load_from_checkpoint(buffer, map_location=map_location, weights_only=False, **overrides)

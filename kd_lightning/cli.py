@@ -1,7 +1,9 @@
 """The ``kd-lightning`` command: a LightningCLI in subclass mode for models and datamodules.
 
 ``kd-lightning fit --config configs/quickstart.yaml`` trains any module on any datamodule named by class path;
-``kd-lightning backbones`` lists the registered backbones, then the language models. A run's files go to one
+``kd-lightning backbones`` lists the registered backbones, the language models and the library families;
+``kd-lightning export`` writes a checkpoint's inference network for deployment; ``kd-lightning predict`` classifies
+image files (with ``--config``, it is LightningCLI's ``predict``). A run's files go to one
 folder, ``trainer.default_root_dir`` (see :mod:`kd_lightning.run_folder`).
 """
 
@@ -11,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -37,48 +39,13 @@ from typing_extensions import override
 from kd_lightning.callbacks.progress import CompactModelSummary, default_progress_bar
 from kd_lightning.callbacks.reproducibility import RNGStateCheckpoint
 from kd_lightning.checkpoints import CONFIG_KEY, read_checkpoint, saved_model_config
+from kd_lightning.commands import COMMANDS, DESCRIPTION, is_lightning_command
 from kd_lightning.errors import ConfigError, is_user_error, report, tidy_parser_message
-from kd_lightning.models.lstm_lm import list_language_models
-from kd_lightning.models.registry import list_backbones
-from kd_lightning.report import main as report_main
 from kd_lightning.run_folder import RunFolder, write_summary
-from kd_lightning.sweep import main as sweep_main
 
 __all__ = ["KDLightningCLI", "batch_size_of", "console_main", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def print_backbones() -> None:
-    """``kd-lightning backbones``: the registered backbone names, then the language models."""
-    print("\n".join(list_backbones()))
-    print("# language models (kd_lightning.LanguageModelModule and its method variants):")
-    print("\n".join(list_language_models()))
-
-
-def _backbones_command(argv: list[str]) -> None:
-    """``kd-lightning backbones [--help]``."""
-    if {"-h", "--help"} & set(argv):
-        print(f"usage: kd-lightning backbones\n{COMMANDS['backbones'][0]}")
-    else:
-        print_backbones()
-
-
-#: Commands of kd-lightning's own, beside LightningCLI's: name -> (what it does, the function that does it, given the
-#: arguments after the command's name and returning its exit status, None for 0).
-COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {
-    "backbones": ("List the registered backbone names, then the language models.", _backbones_command),
-    "sweep": (
-        "Run an experiment grid (variants x seeds), skipping finished runs, resuming interrupted ones.",
-        sweep_main,
-    ),
-    "report": ("Turn a sweep's results into the paper's table (Markdown, CSV) and validation curves.", report_main),
-}
-
-
-DESCRIPTION = "Knowledge distillation with PyTorch Lightning. Its own commands besides these: " + "; ".join(
-    f"`kd-lightning {name}`: {text}" for name, (text, _) in COMMANDS.items()
-)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -100,7 +67,8 @@ class KDArgumentParser(LightningArgumentParser):
 
 class RunConfig(SaveConfigCallback):
     """Saves ``config.yaml`` when ``fit`` starts (not on test/validate/predict, which would replace the run's) and
-    the model's options into every checkpoint, so that a resume can tell whether it was given other ones."""
+    the model's and datamodule's options into every checkpoint, so that a resume can tell whether it was given other
+    ones and an export or a prediction finds the data's preprocessing and class names."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -109,7 +77,8 @@ class RunConfig(SaveConfigCallback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = {"model": _dump(self.parser, self.config)["model"]}
+        dumped = _dump(self.parser, self.config)
+        checkpoint[CONFIG_KEY] = {"model": dumped["model"], "data": dumped.get("data")}
 
 
 def _dump(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
@@ -375,13 +344,13 @@ def main(args: ArgsType = None, run: bool = True) -> KDLightningCLI | None:
     """
     silence_known_noise()
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv and argv[0] in COMMANDS:
+    if isinstance(argv, list) and argv and argv[0] in COMMANDS and not is_lightning_command(argv):
         status = COMMANDS[argv[0]][1](argv[1:])
         if status:
             sys.exit(status)
         return None
     if isinstance(argv, list) and argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        choices = ", ".join([*SUBCOMMANDS, *COMMANDS])
+        choices = ", ".join(dict.fromkeys([*SUBCOMMANDS, *COMMANDS]))
         sys.stderr.write(f"kd-lightning: error: unknown command {argv[0]!r}; the commands: {choices}\n")
         sys.exit(2)
     return KDLightningCLI(

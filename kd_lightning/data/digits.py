@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from kd_lightning.data.small_images import SmallImageDataModule
 from kd_lightning.data.subsets import stratified_split
 
-__all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule"]
+__all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule", "write_digits_images"]
 
 #: Mean and standard deviation of the upsampled digits in [0, 1] (all 1,797 images; the three channels are equal).
 DIGITS_MEAN: tuple[float, float, float] = (0.3052, 0.3052, 0.3052)
@@ -99,3 +101,20 @@ class DigitsDataModule(SmallImageDataModule):
 
     def _load_test_set(self) -> Dataset:
         return self._build()[2]
+
+
+def write_digits_images(root: str | Path, test_size: int = 250, test_split_seed: int = 0) -> Path:
+    """Write the digits as 32x32 RGB PNG files, the layout of
+    :class:`~kd_lightning.data.imagenet.ImageFolderDataModule`: ``root/train/<digit>/<k>.png`` and the test images
+    (the test split of :class:`DigitsDataModule` with the same ``test_size`` and ``test_split_seed``)
+    ``root/val/<digit>/<k>.png``. The pixels are those the datamodule trains on (PNG is lossless). Returns ``root``.
+    """
+    root = Path(root)
+    pool, _, test = DigitsDataModule(val_size=0, test_size=test_size, test_split_seed=test_split_seed)._build()
+    for split, dataset in (("train", pool), ("val", test)):
+        images, labels = dataset.tensors
+        for k, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            path = root / split / str(label) / f"{k:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return root

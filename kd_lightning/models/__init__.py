@@ -2,6 +2,7 @@
 
 from kd_lightning.models import (  # noqa: F401  (imported to register their backbones)
     densenet,
+    library,
     mlp,
     preact_resnet,
     resnet_cifar,

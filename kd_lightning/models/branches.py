@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.models.registry import Backbone, create_backbone
+from kd_lightning.models.registry import Backbone, create_backbone, weights_loaded_later
 
 __all__ = ["GroupOutput", "StudentGroup", "default_shared_stages", "scale_gradient"]
 
@@ -80,7 +80,8 @@ class StudentGroup(nn.Module):
         backbone_kwargs: keyword arguments of the backbone factory.
 
     Raises:
-        ValueError: ``num_students < 1`` or ``shared_stages`` out of range (the message gives the range).
+        ValueError: ``num_students < 1``, ``shared_stages`` out of range (the message gives the range), or given for
+            a backbone that cannot be split at its stages (see ``Backbone.unsplittable_reason``).
     """
 
     def __init__(
@@ -99,6 +100,9 @@ class StudentGroup(nn.Module):
         self.backbone_kwargs = dict(backbone_kwargs or {})
         networks = [create_backbone(backbone, num_classes, **self.backbone_kwargs) for _ in range(num_students)]
         num_stages = len(networks[0].stages)
+        unsplittable = networks[0].unsplittable_reason
+        if shared_stages is not None and unsplittable is not None:
+            raise ValueError(f"a branch-based group shares the first stages of its backbone, but {unsplittable}")
         if shared_stages is not None and not 0 <= shared_stages < num_stages:
             raise ValueError(
                 f"shared_stages must be in [0, {num_stages - 1}] for backbone {backbone!r} ({num_stages} stages: the "
@@ -180,7 +184,7 @@ class StudentGroup(nn.Module):
                     continue
                 state[key] = value
         # The fresh network consumes random numbers for its throw-away initialisation: keep the caller's RNG as it was.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), weights_loaded_later():
             network = create_backbone(self.backbone_name, self.num_classes, **self.backbone_kwargs)
         network.load_state_dict({key: value.detach().clone() for key, value in state.items()})
         return network.to(next(student.parameters()).device)

@@ -9,18 +9,31 @@ Every classification backbone honours the contract of DESIGN.md (the timm conven
 * ``classifier``: an ``nn.Linear`` from ``D`` to ``num_classes``;
 * ``forward_features(x) = head(stages(stem(x)))`` and ``forward(x) = classifier(forward_features(x))``.
 
-:class:`Backbone` implements the two forwards from those four parts, so a network only builds them.
+:class:`Backbone` implements the two forwards from those four parts, so a network only builds them. Besides the
+backbones registered one by one, a family registers a factory for the names ``<family>/<model>``
+(:mod:`kd_lightning.models.library`: ``timm/<model>``, ``torchvision/<model>``).
 ``models/branches.py`` relies on this split to build branch-based students for any registered backbone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "create_backbone", "he_init_", "list_backbones", "register_backbone"]
+__all__ = [
+    "Backbone",
+    "create_backbone",
+    "he_init_",
+    "list_backbones",
+    "pretrained_weights_wanted",
+    "register_backbone",
+    "register_backbone_family",
+    "weights_loaded_later",
+]
 
 
 class Backbone(nn.Module):
@@ -36,6 +49,8 @@ class Backbone(nn.Module):
     classifier: nn.Linear
     #: Shape of one input sample, without the batch dimension (used by tests, benchmarks and examples).
     input_shape: tuple[int, ...] = (3, 32, 32)
+    #: Why the network cannot be split at its stages (branch-based groups refuse it with this); None: it can.
+    unsplittable_reason: str | None = None
 
     @property
     def num_features(self) -> int:
@@ -88,6 +103,11 @@ BackboneFactory = Callable[..., Backbone]
 F = TypeVar("F", bound=BackboneFactory)
 
 _REGISTRY: dict[str, BackboneFactory] = {}
+#: Backbone families named ``<family>/<model>`` (``timm/convnext_atto``): family -> factory
+#: ``fn(model, num_classes, **kw) -> Backbone``.
+_FAMILIES: dict[str, Callable[..., Backbone]] = {}
+#: False inside :func:`weights_loaded_later`.
+_PRETRAINED_WANTED: ContextVar[bool] = ContextVar("kd_lightning_pretrained_wanted", default=True)
 
 
 def register_backbone(name: str | None = None) -> Callable[[F], F]:
@@ -118,26 +138,58 @@ def registering_decorator(registry: dict[str, Callable], kind: str, name: str | 
     return decorator
 
 
+def register_backbone_family(family: str) -> Callable[[F], F]:
+    """Decorator that registers a factory ``fn(model: str, num_classes: int, **kw) -> Backbone`` for the names
+    ``<family>/<model>`` (e.g. ``timm/convnext_atto``): a family of backbones too many to register one by one."""
+    return registering_decorator(_FAMILIES, "backbone family", family)
+
+
+@contextmanager
+def weights_loaded_later() -> Iterator[None]:
+    """Inside: backbone factories build the architecture without loading pretrained weights, because the caller
+    loads its own (a checkpoint's, a snapshot's); no download, no ``pretrained_file`` read."""
+    token = _PRETRAINED_WANTED.set(False)
+    try:
+        yield
+    finally:
+        _PRETRAINED_WANTED.reset(token)
+
+
+def pretrained_weights_wanted() -> bool:
+    """Whether a factory should load the pretrained weights it is asked for (False inside
+    :func:`weights_loaded_later`)."""
+    return _PRETRAINED_WANTED.get()
+
+
 def _ensure_builtin_backbones() -> None:
     # Importing the package registers the built-in backbones; imported lazily to avoid an import cycle.
     import kd_lightning.models  # noqa: F401
 
 
 def list_backbones() -> list[str]:
-    """Sorted names of all registered backbones."""
+    """Sorted names of all registered backbones (the families' models are listed by the families themselves)."""
     _ensure_builtin_backbones()
     return sorted(_REGISTRY)
 
 
 def create_backbone(name: str, num_classes: int, **kwargs) -> Backbone:
-    """Build the registered backbone ``name`` with ``num_classes`` outputs.
+    """Build the registered backbone ``name`` (or the model ``<family>/<model>`` of a registered family) with
+    ``num_classes`` outputs.
 
     Raises:
-        ValueError: ``name`` is not registered (the message lists the valid names), or ``num_classes < 1``.
+        ValueError: ``name`` is neither registered nor of a registered family (the message lists the valid names and
+            families), or ``num_classes < 1``.
     """
     _ensure_builtin_backbones()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(_REGISTRY))}")
+    family, _, model = name.partition("/")
+    if name not in _REGISTRY and not (model and family in _FAMILIES):
+        families = ", ".join(f"{f}/<model>" for f in sorted(_FAMILIES))
+        raise ValueError(
+            f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(_REGISTRY))}; and the library models "
+            f"{families} (`kd-lightning backbones <family>` lists them)"
+        )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if name in _REGISTRY:
+        return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return _FAMILIES[family](model, num_classes=num_classes, **kwargs)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.losses import score_difference
-from kd_lightning.models.registry import create_backbone
+from kd_lightning.models.registry import create_backbone, weights_loaded_later
 from kd_lightning.modules.distill import KDStudentModule
 from kd_lightning.modules.teacher import FrozenTeacher
 
@@ -135,9 +136,11 @@ class GenerationModule(KDStudentModule):
 
     def fresh_backbone(self, seed: int | None = None) -> nn.Module:
         """A newly initialised backbone of this module's architecture, from ``seed`` (the global RNG is untouched),
-        on this module's device and dtype."""
+        on this module's device and dtype; with a seed, a pretrained backbone restarts from its pretrained weights,
+        without one it is built only to receive weights (none are loaded)."""
         hp = self.hparams
-        with torch.random.fork_rng(devices=[]):
+        # Without a seed the network is a container for weights loaded next: no pretrained weights are read.
+        with torch.random.fork_rng(devices=[]), nullcontext() if seed is not None else weights_loaded_later():
             if seed is not None:
                 torch.manual_seed(seed)
             network = create_backbone(hp.backbone, self.num_classes, **(hp.backbone_kwargs or {}))

@@ -24,7 +24,7 @@ from torch import Tensor
 from kd_lightning.checkpoints import write_module_checkpoint
 from kd_lightning.metrics import peer_diversity
 from kd_lightning.models.branches import GroupOutput, StudentGroup, default_shared_stages
-from kd_lightning.models.registry import Backbone
+from kd_lightning.models.registry import Backbone, weights_loaded_later
 from kd_lightning.modules.classifier import ClassifierModule
 
 __all__ = ["DistillationGroupModule", "StudentGroupModule", "sigmoid_rampup"]
@@ -168,7 +168,7 @@ class StudentGroupModule(ClassifierModule):
         :meth:`FrozenTeacher.from_checkpoint` reads it as a teacher. Returns ``path``.
         """
         hp = self.hparams
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), weights_loaded_later():
             classifier = ClassifierModule(
                 backbone=hp.backbone,
                 num_classes=self.num_classes,

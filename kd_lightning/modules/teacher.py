@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.checkpoints import backbone_weights, frozen_states, read_checkpoint, store_frozen
-from kd_lightning.models.registry import create_backbone
+from kd_lightning.models.registry import create_backbone, weights_loaded_later
 
 __all__ = ["FrozenNetworks", "FrozenTeacher"]
 
@@ -71,7 +71,8 @@ class FrozenTeacher(nn.Module):
             )
         if backbone_kwargs is None:
             backbone_kwargs = hparams.get("backbone_kwargs") or {}
-        network = (factory or _registered_backbone)(backbone, num_classes, backbone_kwargs)
+        with weights_loaded_later():  # the checkpoint's weights replace any pretrained ones
+            network = (factory or _registered_backbone)(backbone, num_classes, backbone_kwargs)
         try:
             network.load_state_dict(state)
         except RuntimeError as error:

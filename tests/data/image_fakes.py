@@ -19,6 +19,8 @@ from kd_lightning.data import ImageFolderDataModule
 from kd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SIZES = ((48, 40), (40, 56), (64, 48))  # (width, height), cycled
+#: Classes of the ``image_folder`` fixture (tests/conftest.py).
+ANIMALS = ["cat", "dog", "fox"]
 #: Classes of :func:`write_imagenet` (ImageNet wnids).
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
