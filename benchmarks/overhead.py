@@ -11,6 +11,15 @@ Usage::
 
     python benchmarks/overhead.py [--methods ce,raw_loop] [--backbone resnet20] [--batch-size 128] [--json PATH]
     python benchmarks/overhead.py --reference lm --methods lm,lm_dups_dense,lm_dups_topk  # language models
+    python benchmarks/overhead.py --methods ce,ce+teacher_forward,kd,kd_cached,store_build --teacher resnet56
+
+The teacher-store rows (:mod:`kd_lightning.teacher_store`): ``kd_cached`` is DistillModule reading the batch's
+targets from a store (``R = 4`` draws, top-10, memory-mapped) instead of running its teacher (``--teacher``, default
+the student's backbone, is also the teacher of ``kd`` and ``ce+teacher_forward``); ``store_build`` is the time to
+write the store rows of one batch of samples (the teacher's forward on their ``R = 4`` views, top-k, the memory-map
+writes: divide by the batch size for the time per sample); ``augment:replay_per_image`` makes the batch's views
+from recorded parameters, as the store's loader does (compare with ``augment:per_image``). ``lm_kd`` and
+``lm_kd_cached`` are KD for the language model with a live teacher (the student's architecture) and from a store.
 
 A method issue adds its row by registering a builder in ``METHODS`` (a function of :class:`BenchConfig` that
 returns the LightningModule, put in the state of the phase measured, and the batch it trains on).
@@ -22,6 +31,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -35,20 +45,24 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torchvision.transforms import v2
 
+from kd_lightning.data.replay import PadCropFlip
 from kd_lightning.data.transforms import BatchAugment, cifar_stats, cifar_train_transform
+from kd_lightning.models.lstm_lm import create_language_model
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.modules.class_targets import ClassTargetTable
 from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.distill import DistillModule
 from kd_lightning.modules.dups import DUPSModule
 from kd_lightning.modules.generations import GenerationModule
-from kd_lightning.modules.language_model import LanguageModelMixin, LanguageModelModule
+from kd_lightning.modules.language_model import LanguageModelDistillModule, LanguageModelMixin, LanguageModelModule
 from kd_lightning.modules.okddip import OKDDipModule
 from kd_lightning.modules.self_distill import SelfDistillModule
 from kd_lightning.modules.snapshot import SnapshotDistillModule
+from kd_lightning.modules.stored_teacher import StoredTeacher
 from kd_lightning.modules.student_group import StudentGroupModule
 from kd_lightning.modules.teacher import FrozenTeacher
 from kd_lightning.optim import NesterovSGD
+from kd_lightning.teacher_store import StoreLayout, StoreSpec, build_store
 
 
 @dataclass
@@ -60,6 +74,12 @@ class BenchConfig:
     warmup: int = 3
     repeats: int = 5
     seed: int = 0
+    teacher: str | None = None
+
+    @property
+    def teacher_backbone(self) -> str:
+        """The teacher of the KD rows: ``teacher``, else the student's backbone."""
+        return self.teacher or self.backbone
 
 
 def make_batch(cfg: BenchConfig, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,14 +112,14 @@ class _CEWithTeacherForward(ClassifierModule):
 
 
 def build_ce_teacher_forward(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
-    teacher = FrozenTeacher(create_backbone(cfg.backbone, cfg.num_classes))
+    teacher = FrozenTeacher(create_backbone(cfg.teacher_backbone, cfg.num_classes))
     module = _CEWithTeacherForward(teacher, backbone=cfg.backbone, num_classes=cfg.num_classes)
     return module, make_batch(cfg, module.backbone.input_shape)
 
 
 def build_kd(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
-    """DistillModule (vanilla KD) with a teacher of the same backbone: compare with ``ce+teacher_forward``."""
-    teacher = create_backbone(cfg.backbone, cfg.num_classes)
+    """DistillModule (vanilla KD) with the teacher ``--teacher``: compare with ``ce+teacher_forward``."""
+    teacher = create_backbone(cfg.teacher_backbone, cfg.num_classes)
     module = DistillModule(teacher=teacher, backbone=cfg.backbone, num_classes=cfg.num_classes)
     return module, make_batch(cfg, module.backbone.input_shape)
 
@@ -225,6 +245,64 @@ for _name, _topk in (("dense", None), ("topk", 100)):
     METHODS[f"lm_dups_{_name}_stats"] = partial(build_lm_dups, table_topk=_topk, statistics_epoch=True)
 
 
+#: Draws and entries per row of the benchmark's teacher stores.
+STORE_DRAWS, STORE_TOPK = 4, 10
+_STORES: dict[tuple[int, int], tuple[StoredTeacher, tempfile.TemporaryDirectory]] = {}
+
+
+def random_store(rows: int, classes: int) -> StoredTeacher:
+    """An opened store of ``rows`` rows of random teacher outputs (top-10), made once per process (in a temporary
+    folder, deleted at exit)."""
+    if (rows, classes) not in _STORES:
+        folder = tempfile.TemporaryDirectory(prefix="kd_store_")
+        stored = StoredTeacher(folder.name, STORE_DRAWS, STORE_TOPK, 4.0, classes)
+        spec = StoreSpec("random", 4.0, classes, STORE_TOPK, STORE_DRAWS, StoreLayout(rows, 0))
+        chunks = torch.arange(rows).split(max(1, 2**22 // classes))
+        build_store(stored.store, spec, ((torch.randn(len(c), classes), c, None) for c in chunks), lambda z: 3 * z)
+        stored.store.open(spec)
+        _STORES[rows, classes] = stored, folder
+    return _STORES[rows, classes][0]
+
+
+class _DistillFromStore(DistillModule):
+    """DistillModule reading an opened store (no datamodule to attach it to: the benchmark's batch has its rows)."""
+
+    def __init__(self, stored: StoredTeacher, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._opened = stored
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.stored_teacher = self._opened
+
+
+def build_kd_cached(cfg: BenchConfig) -> tuple[pl.LightningModule, Any]:
+    """KD from a store of a CIFAR-sized training set's rows (50k samples x R = 4), the batch's rows random."""
+    store = random_store(50_000 * STORE_DRAWS, cfg.num_classes)
+    module = _DistillFromStore(store, backbone=cfg.backbone, num_classes=cfg.num_classes)
+    rows = torch.randint(0, 50_000 * STORE_DRAWS, (cfg.batch_size,), generator=torch.Generator().manual_seed(1))
+    return module, (*make_batch(cfg, module.backbone.input_shape), rows)
+
+
+class _LMDistillFromStore(LanguageModelMixin, _DistillFromStore):
+    """LanguageModelDistillModule's composition reading an opened store."""
+
+
+def build_lm_kd(cfg: BenchConfig, cached: bool) -> tuple[pl.LightningModule, Any]:
+    """KD for the language model: a live lstm_small teacher, or a store of 8 windows' next-word rows (top-10)."""
+    lm = {"backbone": "lstm_small", "num_classes": LM_VOCAB}
+    if not cached:
+        return LanguageModelDistillModule(teacher=create_language_model("lstm_small", LM_VOCAB), **lm), lm_batch(cfg)
+    tokens = LM_ROWS * LM_BPTT
+    rows = torch.arange(tokens).view(LM_ROWS, LM_BPTT) + 3 * tokens  # the 4th of 8 windows
+    return _LMDistillFromStore(stored=random_store(8 * tokens, LM_VOCAB), **lm), (*lm_batch(cfg), rows)
+
+
+METHODS["kd_cached"] = build_kd_cached
+METHODS["lm_kd"] = partial(build_lm_kd, cached=False)
+METHODS["lm_kd_cached"] = partial(build_lm_kd, cached=True)
+
+
 class _StepTimer(Callback):
     """Wall time between consecutive ``on_train_batch_end`` calls: one whole training step, hooks included."""
 
@@ -273,21 +351,30 @@ def time_lightning(builder: Callable, cfg: BenchConfig) -> float:
     return statistics.median(timer.times[cfg.warmup :])
 
 
+def _median_time(cfg: BenchConfig, run: Callable[[], Any]) -> float:
+    """Median seconds of ``run()`` over ``cfg.steps`` calls after ``cfg.warmup``."""
+    times = []
+    for _ in range(cfg.warmup + cfg.steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[cfg.warmup :])
+
+
 def time_raw_loop(cfg: BenchConfig) -> float:
     """Median seconds per step of a plain PyTorch loop: same backbone, optimizer, schedule and batch."""
     torch.manual_seed(cfg.seed)
     model = create_backbone(cfg.backbone, cfg.num_classes).train()
     x, y = make_batch(cfg, model.input_shape)
     optimizer = NesterovSGD(model.parameters())
-    times = []
-    for _ in range(cfg.warmup + cfg.steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[cfg.warmup :])
+
+    return _median_time(cfg, step)
 
 
 def time_augment(cfg: BenchConfig, on_batch: bool) -> float:
@@ -307,18 +394,36 @@ def time_augment(cfg: BenchConfig, on_batch: bool) -> float:
         def run() -> None:
             torch.stack([transform(img) for img in pil])
 
-    times = []
-    for _ in range(cfg.warmup + cfg.steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[cfg.warmup :])
+    return _median_time(cfg, run)
+
+
+def time_replay(cfg: BenchConfig) -> float:
+    """Median seconds to make one CIFAR-sized batch's views from recorded parameters, image by image."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    augmentation = PadCropFlip(32, 4, True, *cifar_stats("cifar10"))
+    pil = [v2.functional.to_pil_image(img) for img in images]
+    params = augmentation.draw(None, cfg.batch_size, gen)
+    return _median_time(cfg, lambda: torch.stack([augmentation.replay(i, p) for i, p in zip(pil, params, strict=True)]))
+
+
+def time_store_build(cfg: BenchConfig) -> float:
+    """Median seconds to write the store rows of one batch of samples: the teacher's forward on their R views (eval
+    mode, no gradients), their top-k at T and the memory-mapped writes."""
+    teacher = FrozenTeacher(create_backbone(cfg.teacher_backbone, cfg.num_classes))
+    x, _ = make_batch(cfg, teacher.network.input_shape)
+    views = x[:, None].expand(-1, STORE_DRAWS, *x.shape[1:])
+    store = random_store(cfg.batch_size * STORE_DRAWS, cfg.num_classes).store
+    rows = torch.arange(cfg.batch_size * STORE_DRAWS)
+    return _median_time(cfg, lambda: store.write(rows, teacher(views.flatten(0, 1))))
 
 
 EXTRA_ROWS: dict[str, Callable[[BenchConfig], float]] = {
     "raw_loop": time_raw_loop,
     "augment:per_image": lambda cfg: time_augment(cfg, on_batch=False),
     "augment:batch": lambda cfg: time_augment(cfg, on_batch=True),
+    "augment:replay_per_image": time_replay,
+    "store_build": time_store_build,
 }
 
 
@@ -349,8 +454,8 @@ def run_benchmark(methods: list[str], cfg: BenchConfig, reference: str = "ce") -
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'method':<22}{'step ms':>10}{'ratio vs ' + rows[0]['method']:>13}{'samples/s':>12}"]
-    lines += [f"{r['method']:<22}{r['step_ms']:>10.2f}{r['ratio']:>13.3f}{r['samples_per_s']:>12.1f}" for r in rows]
+    lines = [f"{'method':<26}{'step ms':>10}{'ratio vs ' + rows[0]['method']:>13}{'samples/s':>12}"]
+    lines += [f"{r['method']:<26}{r['step_ms']:>10.2f}{r['ratio']:>13.3f}{r['samples_per_s']:>12.1f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -360,6 +465,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(choices), help=f"comma-separated rows among {choices}")
     parser.add_argument("--reference", default="ce", help="the row ratios divide by (lm for the lm_* rows)")
     parser.add_argument("--backbone", default="resnet20")
+    parser.add_argument("--teacher", default=None, help="teacher backbone of the KD rows (default: --backbone)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -379,7 +485,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
-    cfg = BenchConfig(args.backbone, args.batch_size, args.num_classes, args.steps, args.warmup, args.repeats)
+    cfg = BenchConfig(
+        args.backbone, args.batch_size, args.num_classes, args.steps, args.warmup, args.repeats, teacher=args.teacher
+    )
     rows = run_benchmark(args.methods.split(","), cfg, args.reference)
     print(format_table(rows))
     if args.json:

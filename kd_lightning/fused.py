@@ -16,7 +16,14 @@ from torch.autograd.function import once_differentiable
 
 from kd_lightning.losses import KDSettings
 
-__all__ = ["SparseTargets", "cross_entropy_and_kd", "expand_sparse_targets", "sparse_neg_entropy"]
+__all__ = [
+    "SparseTargets",
+    "cross_entropy_and_kd",
+    "expand_sparse_targets",
+    "kd_loss_terms",
+    "sparse_neg_entropy",
+    "sparse_target_terms",
+]
 
 
 SparseTargets = tuple[Tensor, Tensor, Tensor]
@@ -36,6 +43,28 @@ def sparse_neg_entropy(values: Tensor, rest: Tensor, num_classes: int) -> Tensor
     """``(B,)`` :math:`\\sum_j v_j \\log v_j + (C-k)\\, r \\log r` of such rows, from the stored entries alone."""
     values, rest = values.float(), rest.float()
     return torch.xlogy(values, values).sum(-1) + (num_classes - values.shape[-1]) * torch.xlogy(rest, rest)
+
+
+def sparse_target_terms(
+    values: Tensor, indices: Tensor, rest: Tensor, num_classes: int
+) -> tuple[SparseTargets, Tensor, Tensor]:
+    """The arguments of :func:`cross_entropy_and_kd` for sparse targets: the targets, their ``(B,)``
+    :func:`sparse_neg_entropy` and their ``(B,)`` masses :math:`\\sum_j v_j + (C - k)\\, r`."""
+    mass = values.float().sum(-1) + (num_classes - values.shape[-1]) * rest.float()
+    return (values, indices, rest), sparse_neg_entropy(values, rest, num_classes), mass
+
+
+def kd_loss_terms(
+    logits: Tensor, labels: Tensor, target: Tensor | SparseTargets, settings: KDSettings
+) -> tuple[Tensor, Tensor]:
+    """``(ce_weight * CE, kd_weight * KD)`` of :func:`cross_entropy_and_kd` against per-sample targets: dense
+    ``(B, C)`` rows :math:`\\rho` (a teacher's distribution) or :data:`SparseTargets` (read from a teacher store)."""
+    if isinstance(target, Tensor):
+        rho = target.float()
+        terms = (lambda rows: rho[rows]), torch.xlogy(rho, rho).sum(-1), rho.sum(-1)
+    else:
+        terms = sparse_target_terms(*target, logits.shape[-1])
+    return cross_entropy_and_kd(logits, labels, *terms, settings)
 
 
 def cross_entropy_and_kd(

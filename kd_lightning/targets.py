@@ -200,6 +200,7 @@ def teacher_distribution(
     temperature: float = 1.0,
     k: int = 5,
     pt_weight: float = 0.5,
+    teacher_probs: Tensor | None = None,
 ) -> Tensor:
     """The ``(B, K)`` teacher distribution of ``kind`` (one of :data:`TARGET_KINDS`).
 
@@ -212,12 +213,14 @@ def teacher_distribution(
         temperature: ``T`` of the teacher's softmax.
         k: kept probabilities of ``topk``.
         pt_weight: :math:`\\lambda` of ``pt+sim`` and ``pt+rel``.
+        teacher_probs: ``(B, K)`` :math:`p^t` at ``temperature`` instead of ``teacher_logits`` (e.g. read from a
+            teacher store).
 
     Raises:
         ValueError: unknown kind, or an input the kind needs is missing.
     """
     check_target_kind(kind)
-    if kind in TEACHER_FORWARD_KINDS and teacher_logits is None:
+    if kind in TEACHER_FORWARD_KINDS and teacher_logits is None and teacher_probs is None:
         raise ValueError(f"target kind {kind!r} needs the teacher's logits")
     if kind in TABLE_OF_KIND and class_table is None:
         raise ValueError(f"target kind {kind!r} needs the {TABLE_OF_KIND[kind]!r} class table")
@@ -225,7 +228,7 @@ def teacher_distribution(
         return uniform_target(target, num_classes)
     if kind in ("sim", "rel"):
         return table_target(class_table, target)
-    probs = kd_target(teacher_logits, temperature)
+    probs = kd_target(teacher_logits, temperature) if teacher_probs is None else teacher_probs.float()
     if kind == "kd":
         return probs
     if kind == "topk":

@@ -21,6 +21,24 @@ def test_benchmark_rows(tmp_path, capsys):
     assert "ratio vs ce" in capsys.readouterr().out
 
 
+def test_teacher_store_rows(tmp_path):
+    path = tmp_path / "bench.json"
+    methods = "ce,kd,kd_cached,store_build,augment:replay_per_image"
+    args = ["--methods", methods, "--backbone", "mlp", "--teacher", "mlp", "--batch-size", "8", "--num-classes", "10"]
+    main([*args, "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [r["method"] for r in rows] == methods.split(",") and all(r["step_ms"] > 0 for r in rows)
+
+
+def test_language_model_store_row_reads_its_windows_rows():
+    from benchmarks.overhead import LM_BPTT, LM_ROWS, METHODS, BenchConfig
+
+    module, (x, y, rows) = METHODS["lm_kd_cached"](BenchConfig())
+    module.stored_teacher = module._opened  # what its on_fit_start does
+    assert rows.shape == x.shape == (LM_ROWS, LM_BPTT)
+    assert set(module.training_losses((x, y, rows))) == {"ce", "kd"}
+
+
 def test_benchmark_rejects_unknown_method():
     with pytest.raises(SystemExit):
         main(["--methods", "ce,nope"])

@@ -33,6 +33,7 @@ gives the per-sample training and evaluation transforms, and, for on-device augm
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, get_args
 
@@ -42,8 +43,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from kd_lightning.data.store_views import StoreViewsMixin
 from kd_lightning.data.subsets import TransformedSubset, collate_pairs, stratified_split
 from kd_lightning.data.transforms import BatchAugment, TwoViews
+from kd_lightning.teacher_store import StoreLayout, TeacherStore
 
 __all__ = [
     "ClassificationDataModule",
@@ -77,7 +80,11 @@ class DataProtocol(Protocol):
     * ``train_shard_dataloader(seed, rank, world_size)``: the training set with its training transform, in the
       random order that ``seed`` fixes, shard ``rank`` of ``world_size`` (every ``world_size``-th sample of that
       order from ``rank``), not shuffled further, no batch dropped; DUPS's ``statistics="recompute"`` pass reads it
-      (only the module knows the ranks, only the datamodule its dataset).
+      (only the module knows the ranks, only the datamodule its dataset);
+    * ``teacher_store_layout(draws)``, ``teacher_store_dataloader(draws, seed, rank, world_size)``,
+      ``use_teacher_store(store, draws)``: a teacher store's layout, its build pass (batches ``(inputs, rows,
+      params)`` of this rank's share) and, once in use, training batches ``(x, y, rows)`` of the recorded views (see
+      :class:`~kd_lightning.data.store_views.StoreViewsMixin`); read by the modules with a ``teacher_store``.
     """
 
     @property
@@ -93,9 +100,24 @@ class DataProtocol(Protocol):
 
     def train_shard_dataloader(self, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader: ...
 
+    def teacher_store_layout(self, draws: int) -> StoreLayout: ...
+
+    def teacher_store_dataloader(self, draws: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader: ...
+
+    def use_teacher_store(self, store: TeacherStore | None, draws: int = 1) -> None: ...
+
 
 #: The members of :class:`DataProtocol`.
-DataAttribute = Literal["num_classes", "views", "superclass_map", "device_transform", "train_shard_dataloader"]
+DataAttribute = Literal[
+    "num_classes",
+    "views",
+    "superclass_map",
+    "device_transform",
+    "train_shard_dataloader",
+    "teacher_store_layout",
+    "teacher_store_dataloader",
+    "use_teacher_store",
+]
 
 
 def data_attribute(datamodule: object | None, name: DataAttribute) -> Any:
@@ -113,12 +135,13 @@ def data_attribute(datamodule: object | None, name: DataAttribute) -> Any:
     return getattr(datamodule, name, None)
 
 
-class ClassificationDataModule(LightningDataModule):
+class ClassificationDataModule(StoreViewsMixin, LightningDataModule):
     """Shared loaders, seeded split, shuffling generator, views option (see the module docstring).
 
     Subclasses implement :attr:`num_classes`, :attr:`input_shape`, :meth:`_load_train_pool` and
     :meth:`_load_test_set`, and optionally :meth:`_train_transform`, :meth:`_eval_transform`,
-    :meth:`_training_indices`, :attr:`superclass_map` and :attr:`batch_augment`.
+    :meth:`_training_indices`, :attr:`superclass_map`, :attr:`batch_augment` and :attr:`recorded_augmentation` (a
+    random training augmentation a teacher store can record).
 
     Args:
         batch_size: Training batch size.
@@ -175,6 +198,9 @@ class ClassificationDataModule(LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        #: The training samples untransformed, and the sha256 of their pool indices and labels.
+        self.raw_train_set: Dataset | None = None
+        self.train_set_sha256: str | None = None
 
     # ----------------------------------------------------------------------------------------- what a subclass says
     @property
@@ -236,14 +262,18 @@ class ClassificationDataModule(LightningDataModule):
             if self.views == 2 and self.batch_augment is None:
                 transform = TwoViews(transform if transform is not None else _identity)
             self.train_set = TransformedSubset(pool, train_idx, transform)
+            self.raw_train_set = TransformedSubset(pool, train_idx)
+            identity = torch.cat([train_idx, labels[train_idx]]).numpy().tobytes()
+            self.train_set_sha256 = hashlib.sha256(identity).hexdigest()
             self.val_set = TransformedSubset(pool, val_idx, self._eval_transform()) if self.val_size > 0 else None
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = TransformedSubset(self._load_test_set(), None, self._eval_transform())
 
     # ------------------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, sampler: Any = None) -> DataLoader:
         if train:
-            sampler, generator = RandomSampler(dataset, generator=self.shuffle_generator), self.worker_seed_generator
+            sampler = RandomSampler(dataset, generator=self.shuffle_generator) if sampler is None else sampler
+            generator = self.worker_seed_generator
         else:
             sampler, generator = SequentialSampler(dataset), torch.Generator().manual_seed(EVAL_LOADER_SEED)
         return DataLoader(
@@ -263,6 +293,8 @@ class ClassificationDataModule(LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
+        if self.teacher_store is not None:
+            return self._loader(self.stored_views(), train=True, sampler=self.stored_views_sampler())
         return self._loader(self.train_set, train=True)
 
     def train_shard_dataloader(self, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -321,13 +353,16 @@ class ClassificationDataModule(LightningDataModule):
             train: Augment (and produce ``views`` views); otherwise only normalise.
 
         Returns:
-            ``(x, y)``, or ``((x_a, x_b), y)`` for ``train`` with ``views=2``.
+            ``(x, y)``, or ``((x_a, x_b), y)`` for ``train`` with ``views=2``; a teacher store's batch ``(x, y, rows)``
+            gives ``(views, y, rows)``, the views replayed from the parameters recorded for the rows.
         """
         augment = self.batch_augment
         if augment is None:
             return batch
-        x, y = batch
+        x, y, *rows = batch
         augment.train(train)
+        if rows and self.teacher_store is not None:  # the views a teacher store recorded
+            return self.recorded_augmentation.replay_batch(x, self.teacher_store.params(rows[0])), y, rows[0]
         if train and self.views == 2:
             return (augment(x), augment(x)), y
         return augment(x), y

@@ -30,6 +30,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from typing_extensions import override
 
 from kd_lightning.data.base import ClassificationDataModule
+from kd_lightning.data.replay import ResizedCropFlip
 from kd_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -294,12 +295,20 @@ class ImageFileDataModule(ClassificationDataModule):
     def _eval_transform(self) -> Callable | None:
         return imagenet_eval_transform(self.crop_size, self.resize_size, self.augmentation, self.mean, self.std)
 
+    @property
+    def recorded_augmentation(self) -> ResizedCropFlip | None:
+        """``"inception"``'s RandomResizedCrop and flip as a teacher store records them; None for ``"caffe"`` (not
+        recorded: its squash comes before the crop)."""
+        if self.augmentation != "inception":
+            return None
+        return ResizedCropFlip(self.crop_size, self.mean, self.std)
+
     @override
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage``; unless ``strict``, wrap them in :class:`SkipUnreadable`."""
         super().setup(stage)
         if not self.strict:
-            for name in ("train_set", "val_set", "test_set"):
+            for name in ("train_set", "raw_train_set", "val_set", "test_set"):
                 dataset = getattr(self, name)
                 if dataset is not None and not isinstance(dataset, SkipUnreadable):
                     setattr(self, name, SkipUnreadable(dataset))

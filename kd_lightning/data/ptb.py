@@ -23,6 +23,7 @@ round-robin and break the continuity).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+
+from kd_lightning.teacher_store import StoreLayout, TeacherStore
 
 __all__ = ["PTB_FILES", "BPTTWindows", "EpochPieces", "PTBDataModule", "batchify", "read_words"]
 
@@ -77,33 +80,45 @@ def batchify(stream: Tensor, rows: int) -> Tensor:
 class BPTTWindows(IterableDataset):
     """The ``(x, y)`` windows of ``bptt`` steps over ``(B, L)`` rows, in order; ``len`` = number of windows.
 
-    Each item is a whole batch (use ``DataLoader(..., batch_size=None)``).
+    Each item is a whole batch (use ``DataLoader(..., batch_size=None)``). With ``positions`` (``(B, L - 1)``, one
+    per next word), the items are ``(x, y, positions of y)``.
     """
 
-    def __init__(self, rows: Tensor, bptt: int) -> None:
+    def __init__(self, rows: Tensor, bptt: int, positions: Tensor | None = None) -> None:
         super().__init__()
         self.rows = rows
         self.bptt = bptt
+        self.positions = positions
 
     def __len__(self) -> int:
         return math.ceil((self.rows.shape[1] - 1) / self.bptt)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         for start in range(0, self.rows.shape[1] - 1, self.bptt):
             end = min(start + self.bptt, self.rows.shape[1] - 1)
-            yield self.rows[:, start:end], self.rows[:, start + 1 : end + 1]
+            window = self.rows[:, start:end], self.rows[:, start + 1 : end + 1]
+            yield window if self.positions is None else (*window, self.positions[:, start:end])
 
 
 class EpochPieces(IterableDataset):
     """The windows of piece ``epoch() mod K`` of ``(B, L)`` rows cut into ``K`` equal consecutive pieces of columns
     (each piece's last target is the next piece's first input); ``len`` = windows per piece."""
 
-    def __init__(self, rows: Tensor, bptt: int, pieces: int, epoch: Callable[[], int]) -> None:
+    def __init__(
+        self, rows: Tensor, bptt: int, pieces: int, epoch: Callable[[], int], positions: Tensor | None = None
+    ) -> None:
         super().__init__()
         length = (rows.shape[1] - 1) // pieces
         if length < 1:
             raise ValueError(f"rows of {rows.shape[1]} tokens cannot be cut into {pieces} pieces")
-        self.pieces = [BPTTWindows(rows[:, i * length : (i + 1) * length + 1], bptt) for i in range(pieces)]
+        self.pieces = [
+            BPTTWindows(
+                rows[:, i * length : (i + 1) * length + 1],
+                bptt,
+                None if positions is None else positions[:, i * length : (i + 1) * length],
+            )
+            for i in range(pieces)
+        ]
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -155,6 +170,8 @@ class PTBDataModule(LightningDataModule):
         self.download = download
         self.vocabulary: list[str] = []
         self.streams: dict[str, Tensor] = {}
+        #: The teacher store in use (see :meth:`use_teacher_store`).
+        self.teacher_store: TeacherStore | None = None
 
     @property
     def num_classes(self) -> int:
@@ -193,10 +210,17 @@ class PTBDataModule(LightningDataModule):
                 )
             self.streams[split] = torch.tensor([index[word] for word in split_words], dtype=torch.long)
 
-    def rank_rows(self, split: str, rows_per_rank: int) -> Tensor:
-        """This rank's ``(rows_per_rank, L)`` rows of ``split``: its contiguous slice of the stream (see above)."""
+    def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def rank_rows(
+        self, split: str, rows_per_rank: int, rank: int | None = None, world_size: int | None = None
+    ) -> Tensor:
+        """Rank ``rank``'s (None: this rank's) ``(rows_per_rank, L)`` rows of ``split``: its contiguous slice of the
+        stream (see above)."""
+        if rank is None or world_size is None:
+            rank, world_size = self._ranks()
         rows = batchify(self.streams[split], rows_per_rank * world_size)
         return rows[rank * rows_per_rank : (rank + 1) * rows_per_rank]
 
@@ -204,11 +228,57 @@ class PTBDataModule(LightningDataModule):
         return DataLoader(BPTTWindows(self.rank_rows(split, rows_per_rank), self.bptt), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        if self.epochs_per_pass == 1:
-            return self._loader("train", self.batch_size)
+        """The training windows; while a teacher store is in use, ``(x, y, rows)`` with the store rows of ``y``."""
+        positions = self.store_positions(*self._ranks()) if self.teacher_store is not None else None
         rows = self.rank_rows("train", self.batch_size)
-        pieces = EpochPieces(rows, self.bptt, self.epochs_per_pass, lambda: self.trainer.current_epoch)
+        if self.epochs_per_pass == 1:
+            return DataLoader(BPTTWindows(rows, self.bptt, positions), batch_size=None)
+        pieces = EpochPieces(rows, self.bptt, self.epochs_per_pass, lambda: self.trainer.current_epoch, positions)
         return DataLoader(pieces, batch_size=None)
+
+    # ------------------------------------------------------------------------------------------ teacher store
+    def store_positions(self, rank: int, world_size: int) -> Tensor:
+        """Rank ``rank``'s ``(B, L - 1)`` store rows: the position of every next word of its training rows among the
+        ``W * B * (L - 1)`` of all ranks (row-major)."""
+        rows = batchify(self.streams["train"], self.batch_size * world_size)
+        positions = torch.arange(rows.numel() - len(rows)).view(len(rows), -1)
+        return positions[rank * self.batch_size : (rank + 1) * self.batch_size]
+
+    def teacher_store_layout(self, draws: int) -> StoreLayout:
+        """A store of the teacher's next-word distribution at every training position (for
+        :class:`~kd_lightning.data.base.DataProtocol`): the ``W * B`` rows of the stream, nothing drawn.
+
+        Raises:
+            ValueError: ``draws`` other than 1 (the windows are deterministic).
+        """
+        if draws != 1:
+            raise ValueError(f"language-model windows are deterministic: a teacher store has one draw, got {draws}")
+        self.setup()
+        world_size = self._ranks()[1]
+        stream = self.streams["train"]
+        dataset = {
+            "class": type(self).__qualname__,
+            "tokens": stream.numel(),
+            "sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
+            "rows": self.batch_size * world_size,
+        }
+        rows = batchify(stream, self.batch_size * world_size)
+        return StoreLayout(rows.numel() - len(rows), 0, dataset, {"kind": "none"})
+
+    def teacher_store_dataloader(self, draws: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The build pass: rank ``rank``'s windows over the whole pass, as ``(x, store rows of y, None)``; the
+        teacher carries its state through them (``epochs_per_pass`` does not cut the pass here)."""
+        self.teacher_store_layout(draws)
+        rows, positions = (
+            self.rank_rows("train", self.batch_size, rank, world_size),
+            self.store_positions(rank, world_size),
+        )
+        stored = [(x, rows_of_y, None) for x, _, rows_of_y in BPTTWindows(rows, self.bptt, positions)]
+        return DataLoader(stored, batch_size=None)
+
+    def use_teacher_store(self, store: TeacherStore | None, draws: int = 1) -> None:
+        """Training batches ``(x, y, rows)`` from now on (None: ``(x, y)``)."""
+        self.teacher_store = store
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size)

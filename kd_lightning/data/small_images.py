@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kd_lightning.data.base import ClassificationDataModule
+from kd_lightning.data.replay import PadCropFlip
 from kd_lightning.data.transforms import BatchAugment, eval_transform, train_transform
 
 __all__ = ["SmallImageDataModule"]
@@ -63,3 +64,8 @@ class SmallImageDataModule(ClassificationDataModule):
 
     def _eval_transform(self) -> Callable | None:
         return None if self.augment_on_device else eval_transform(self.mean, self.std)
+
+    @property
+    def recorded_augmentation(self) -> PadCropFlip:
+        """The padding, crop and flip as a teacher store records them (per sample, or per batch on the device)."""
+        return PadCropFlip(self.input_shape[-1], self.padding, self.flip, self.mean, self.std)

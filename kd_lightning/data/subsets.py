@@ -71,7 +71,8 @@ class TransformedSubset(Dataset):
         return (self.transform(x) if self.transform is not None else x), y
 
 
-def collate_pairs(samples: list[tuple[Any, Any]]) -> tuple[Any, Tensor]:
-    """``default_collate`` that returns an ``(x, y)`` tuple, with two views as a tuple ``(x_a, x_b)``."""
-    x, y = default_collate(samples)
-    return (tuple(x) if isinstance(x, list) else x), y
+def collate_pairs(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """``default_collate`` that returns an ``(x, y)`` tuple, with two views as a tuple ``(x_a, x_b)`` (and a teacher
+    store's rows: ``(x, y, rows)``)."""
+    x, *rest = default_collate(samples)
+    return (tuple(x) if isinstance(x, list) else x), *rest

@@ -46,6 +46,7 @@ __all__ = [
     "cifar_eval_transform",
     "cifar_stats",
     "cifar_train_transform",
+    "crop_and_flip",
     "eval_transform",
     "imagenet_eval_transform",
     "imagenet_train_transform",
@@ -194,6 +195,33 @@ def _resize(crop_size: int, resize_size: int | None) -> int:
     return round(crop_size * 256 / 224) if resize_size is None else resize_size
 
 
+def crop_and_flip(x: Tensor, padding: int, top: Tensor, left: Tensor, flipped: Tensor | None = None) -> Tensor:
+    """The ``(B, C, H, W)`` crops of a zero-padded batch at the given offsets, mirrored where ``flipped``.
+
+    Sample ``b`` of the result is ``pad(x[b], padding)[:, top[b] : top[b] + H, left[b] : left[b] + W]``, flipped
+    horizontally where ``flipped[b]`` (None: nowhere): ``RandomCrop(H, padding)`` + ``RandomHorizontalFlip`` with
+    the given draws, as one vectorised gather (no loop over samples).
+
+    Args:
+        x: ``(B, C, H, W)`` images (any dtype).
+        padding: zero padding on each side.
+        top: ``(B,)`` row offsets in ``[0, 2 * padding]``.
+        left: ``(B,)`` column offsets in ``[0, 2 * padding]``.
+        flipped: ``(B,)`` bool, or None.
+    """
+    b, c, h, w = x.shape
+    device = x.device
+    padded = nn.functional.pad(x, (padding,) * 4) if padding > 0 else x
+    # Source row/column of every output pixel: offset + position (columns reversed for flipped samples).
+    rows = top.view(b, 1) + torch.arange(h, device=device)
+    cols = torch.arange(w, device=device).expand(b, w)
+    if flipped is not None:
+        cols = torch.where(flipped.view(b, 1).bool(), cols.flip(1), cols)
+    cols = cols + left.view(b, 1)
+    out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, padded.shape[3]))
+    return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
 class BatchAugment(nn.Module):
     """Batch-level augmentation on the batch's device: random crop with zero padding, random flip, normalise.
 
@@ -240,19 +268,10 @@ class BatchAugment(nn.Module):
         return (x.float().div_(255.0) - self.mean) / self.std
 
     def _crop_and_flip(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        p = self.padding
-        device = x.device
-        padded = nn.functional.pad(x, (p, p, p, p)) if p > 0 else x
-        # Source row/column of every output pixel: offset + position (columns reversed for flipped samples).
-        rows = torch.randint(0, 2 * p + 1, (b, 1), device=device) + torch.arange(h, device=device)
-        cols = torch.arange(w, device=device).expand(b, w)
-        if self.flip:
-            flipped = torch.rand(b, 1, device=device) < 0.5
-            cols = torch.where(flipped, cols.flip(1), cols)
-        cols = cols + torch.randint(0, 2 * p + 1, (b, 1), device=device)
-        out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, padded.shape[3]))
-        return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+        b, device, span = len(x), x.device, 2 * self.padding + 1
+        top = torch.randint(0, span, (b,), device=device)  # the draws in their earlier order: top, flip, left
+        flipped = torch.rand(b, device=device) < 0.5 if self.flip else None
+        return crop_and_flip(x, self.padding, top, torch.randint(0, span, (b,), device=device), flipped)
 
     def extra_repr(self) -> str:
         return f"padding={self.padding}, flip={self.flip}, channels={self.mean.shape[1]}"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_lightning.fused import SparseTargets, cross_entropy_and_kd, expand_sparse_targets, sparse_neg_entropy
+from kd_lightning.fused import SparseTargets, cross_entropy_and_kd, expand_sparse_targets, sparse_target_terms
 from kd_lightning.losses import KDSettings
 from kd_lightning.modules.distributed import RankGroup
 
@@ -20,7 +20,9 @@ class _ClassTable(nn.Module):
     """What the dense and the top-k class-target tables share: arguments, per-class counts, peers, ranks, the loss,
     DDP exclusion."""
 
-    def __init__(self, num_classes: int, settings: KDSettings, peers_per_class: int | None) -> None:
+    def __init__(
+        self, num_classes: int, settings: KDSettings, peers_per_class: int | None, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -30,6 +32,8 @@ class _ClassTable(nn.Module):
         #: The loss's settings; their ``temperature`` also softens the statistics.
         self.settings = settings
         self.peers_per_class = peers_per_class
+        #: The dtype the targets are stored in (the statistics stay float32).
+        self.dtype = dtype
         #: The ranks the statistics are summed over (one process until the owning module sets the trainer's).
         self.ranks = RankGroup()
         self.register_buffer("has_target", torch.zeros(num_classes, dtype=torch.bool))
@@ -114,8 +118,10 @@ class ClassTargetTable(_ClassTable):
     ``W`` ranks, rank ``r`` keeps :math:`\\lfloor n/W \\rfloor + [r < n \\bmod W]` samples per class (see
     :meth:`peers_per_rank`), so exactly ``n`` in total when every rank sees enough of the class.
 
-    Buffers (saved in checkpoints, moved to the module's device): ``targets`` ``(C, C)``, ``has_target`` ``(C,)``
-    bool, and the running statistics ``sums`` ``(C, C)`` and ``counts`` ``(C,)`` (float32). DDP's
+    Buffers (saved in checkpoints, moved to the module's device): ``targets`` ``(C, C)`` (``dtype``: float32, or 16
+    bits to halve it), ``has_target`` ``(C,)`` bool, and the running statistics ``sums`` ``(C, C)`` and ``counts``
+    ``(C,)`` (float32 whatever ``dtype``: the targets are rounded once, when built). Checkpoints hold ``sums`` only
+    while statistics are pending (otherwise an empty placeholder: 10k words, 16 bits, 200 MB instead of 800). DDP's
     ``broadcast_buffers`` would overwrite every rank's statistics with rank 0's at each forward (and send the table
     at every step): the module that owns a table calls :meth:`exclude_from_ddp_broadcast` in its ``__init__``.
 
@@ -124,6 +130,7 @@ class ClassTargetTable(_ClassTable):
         settings: the KD loss's settings (:meth:`ce_and_kd_loss`); their ``T`` also softens the statistics.
         peers_per_class: at most this many samples per class over all ranks (None: every sample of the pass).
         average: ``"probs"`` (mean of softmax(z/T)) or ``"logits"`` (softmax of the mean logit / T).
+        dtype: the targets' dtype.
 
     Raises:
         ValueError: ``num_classes < 1``, ``peers_per_class < 1`` or an unknown ``average``.
@@ -135,32 +142,35 @@ class ClassTargetTable(_ClassTable):
         settings: KDSettings,
         peers_per_class: int | None = None,
         average: Literal["probs", "logits"] = "probs",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if average not in ("probs", "logits"):
             raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
-        super().__init__(num_classes, settings, peers_per_class)
+        super().__init__(num_classes, settings, peers_per_class, dtype)
         self.average = average
-        self.register_buffer("targets", torch.zeros(num_classes, num_classes))
+        self.register_buffer("targets", torch.zeros(num_classes, num_classes, dtype=dtype))
         self.register_buffer("sums", torch.zeros(num_classes, num_classes))
         self._row_statistics_key: tuple[int, int] | None = None
         self._row_statistics = (torch.zeros(num_classes), torch.zeros(num_classes))
 
     def forward(self, labels: Tensor) -> Tensor:
-        """``(B, C)`` teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
-        return self.targets[labels]
+        """``(B, C)`` float32 teacher distributions of the ``(B,)`` labels (zero rows for classes without a target)."""
+        return self.targets[labels].float()
 
     def batch_targets(self, labels: Tensor) -> tuple[Callable[[slice], Tensor], Tensor, Tensor]:
-        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.fused.cross_entropy_and_kd`: their rows,
-        gathered a chunk of the batch at a time, and their entropy terms and masses."""
+        """The targets of the ``(B,)`` labels for :func:`~kd_lightning.fused.cross_entropy_and_kd`: their float32
+        rows, gathered a chunk of the batch at a time, and their entropy terms and masses."""
         neg_entropy, mass = (stat[labels] for stat in self.row_statistics())
-        return lambda rows: self.targets.index_select(0, labels[rows]), neg_entropy, mass
+        return lambda rows: self.targets.index_select(0, labels[rows]).float(), neg_entropy, mass
 
     def row_statistics(self) -> tuple[Tensor, Tensor]:
         """``(C,)`` :math:`\\sum_j f_T(c)_j \\log f_T(c)_j` (the KL's constant term) and ``(C,)`` masses of the rows
         (0 for a zero row); recomputed only when the targets change (their in-place version counter or storage)."""
         key = (self.targets._version, self.targets.data_ptr())
         if self._row_statistics_key != key:
-            self._row_statistics = (torch.xlogy(self.targets, self.targets).sum(-1), self.targets.sum(-1))
+            rows = [chunk.float() for chunk in self.targets.split(1024)]  # float32 a chunk of rows at a time
+            entropy, mass = [torch.xlogy(c, c).sum(-1) for c in rows], [c.sum(-1) for c in rows]
+            self._row_statistics = (torch.cat(entropy), torch.cat(mass))
             self._row_statistics_key = key
         return self._row_statistics
 
@@ -203,11 +213,22 @@ class ClassTargetTable(_ClassTable):
         self.sums.zero_()
         self.counts.zero_()
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """Without pending statistics, ``sums`` is saved as an empty placeholder (``C^2`` zeros otherwise)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not bool(self.counts.any()):
+            destination[prefix + "sums"] = self.sums.new_zeros(0)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        if prefix + "sums" in state_dict and state_dict[prefix + "sums"].numel() == 0:
+            state_dict[prefix + "sums"] = torch.zeros_like(self.sums)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, temperature={self.temperature}, "
             f"peers_per_class={self.peers_per_class}, "
-            f"average={self.average!r}"
+            f"average={self.average!r}, dtype={self.dtype}"
         )
 
 
@@ -231,29 +252,37 @@ class TopKClassTargetTable(_ClassTable):
     against it). :meth:`finalize` merges the ranks' tables the same way (an all-gather made of one sum-reduce), so
     every rank holds the same targets. Only ``average="probs"`` (a mean of logits needs every entry).
 
-    Buffers (checkpointed; pending additions are merged first): ``values`` ``(C, k)``, ``indices`` ``(C, k)``
-    long, ``rest`` ``(C,)``, ``has_target``, the statistics ``stat_values`` / ``stat_indices`` ``(C, m)`` and
-    ``counts``.
+    Buffers (checkpointed; pending additions are merged first): ``values`` ``(C, k)`` and ``rest`` ``(C,)`` (of
+    ``dtype``), ``indices`` ``(C, k)`` long, ``has_target``, the float32 statistics ``stat_values`` /
+    ``stat_indices`` ``(C, m)`` and ``counts``.
 
     Args:
         num_classes: ``C``.
         settings: as :class:`ClassTargetTable`'s.
         k: entries kept per class, ``1 <= k < C``.
         peers_per_class: as :class:`ClassTargetTable`'s.
+        dtype: the dtype of ``values`` and ``rest``.
 
     Raises:
         ValueError: ``k`` out of range and the errors of :class:`ClassTargetTable`.
     """
 
-    def __init__(self, num_classes: int, settings: KDSettings, k: int, peers_per_class: int | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        settings: KDSettings,
+        k: int,
+        peers_per_class: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if not 1 <= k < num_classes:
             raise ValueError(f"a top-k class table needs 1 <= k < num_classes={num_classes}, got k={k}")
-        super().__init__(num_classes, settings, peers_per_class)
+        super().__init__(num_classes, settings, peers_per_class, dtype)
         self.k = k
         self.width = min(2 * k, num_classes)
-        self.register_buffer("values", torch.zeros(num_classes, k))
+        self.register_buffer("values", torch.zeros(num_classes, k, dtype=dtype))
         self.register_buffer("indices", torch.zeros(num_classes, k, dtype=torch.long))
-        self.register_buffer("rest", torch.zeros(num_classes))
+        self.register_buffer("rest", torch.zeros(num_classes, dtype=dtype))
         self.register_buffer("stat_values", torch.zeros(num_classes, self.width))
         self.register_buffer("stat_indices", torch.zeros(num_classes, self.width, dtype=torch.long))
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -262,9 +291,7 @@ class TopKClassTargetTable(_ClassTable):
     def batch_targets(self, labels: Tensor) -> tuple[SparseTargets, Tensor, Tensor]:
         """The targets of the ``(B,)`` labels for :func:`~kd_lightning.fused.cross_entropy_and_kd`: their stored
         entries (no row is expanded), entropy terms and masses."""
-        values, rest = self.values[labels], self.rest[labels]
-        mass = values.sum(-1) + (self.num_classes - self.k) * rest
-        return (values, self.indices[labels], rest), sparse_neg_entropy(values, rest, self.num_classes), mass
+        return sparse_target_terms(self.values[labels], self.indices[labels], self.rest[labels], self.num_classes)
 
     def dense(self) -> Tensor:
         """The ``(C, C)`` table the stored entries stand for (for inspection and tests; ``C^2`` floats)."""
@@ -339,7 +366,7 @@ class TopKClassTargetTable(_ClassTable):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, temperature={self.temperature}, k={self.k}, "
-            f"peers_per_class={self.peers_per_class}"
+            f"peers_per_class={self.peers_per_class}, dtype={self.dtype}"
         )
 
 

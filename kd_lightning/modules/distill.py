@@ -7,15 +7,20 @@ options that give it a teacher (a checkpoint, or a network from Python).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from kd_lightning.checkpoints import record_module, recorded
 from kd_lightning.data.base import data_attribute
-from kd_lightning.losses import KDSettings, kd_kl_div
+from kd_lightning.fused import SparseTargets, expand_sparse_targets, kd_loss_terms
+from kd_lightning.losses import KDSettings
 from kd_lightning.modules.classifier import ClassifierModule
+from kd_lightning.modules.stored_teacher import StoredTeacher, split_stored_batch
 from kd_lightning.modules.teacher import FrozenTeacher
 from kd_lightning.modules.teacher_cache import TeacherOutputCache
 from kd_lightning.targets import (
@@ -73,8 +78,9 @@ class KDStudentModule(ClassifierModule):
         sim_temperature: softmax temperature :math:`b` of ``sim``.
         rel_gt_mass: ``rel``'s mass on the ground truth.
         rel_superclass_mass: ``rel``'s mass on the ground truth's super-class siblings, all together.
-        cache_teacher_topk: cache the teacher's ``k`` largest probabilities of every training input during the first
-            epoch and look them up afterwards instead of running the teacher (a
+        cache_teacher_topk: deprecated (a FutureWarning; :class:`DistillModule`'s ``teacher_store`` replaces it, for
+            augmented data and several devices too): cache the teacher's ``k`` largest probabilities of every training
+            input during the first epoch and look them up afterwards instead of running the teacher (a
             :class:`~kd_lightning.modules.teacher_cache.TeacherOutputCache`; only for data without random
             augmentation, on one device; ``k = num_classes`` keeps the whole distribution). None: no cache.
         **kwargs: the student's :class:`ClassifierModule` arguments (``backbone``, ``num_classes``, ``optimizer`` ...).
@@ -110,6 +116,13 @@ class KDStudentModule(ClassifierModule):
         if not 0.0 <= pt_weight <= 1.0:
             raise ValueError(f"pt_weight must be in [0, 1], got {pt_weight}")
         self.register_buffer("class_table", None, persistent=False)
+        if cache_teacher_topk is not None:
+            warnings.warn(
+                "cache_teacher_topk is deprecated and will be removed in the next release: use DistillModule's "
+                "teacher_store (the teacher's outputs written once, with augmentation, on any number of devices)",
+                FutureWarning,
+                stacklevel=3,
+            )
         use_cache = cache_teacher_topk is not None and target_kind in TEACHER_FORWARD_KINDS
         self.teacher_cache = TeacherOutputCache(cache_teacher_topk) if use_cache else None
 
@@ -144,29 +157,35 @@ class KDStudentModule(ClassifierModule):
     # ----------------------------------------------------------------------------------------------- training
     def training_losses(self, batch: Any) -> dict[str, Tensor]:
         x, y = self.unpack_batch(batch)
-        logits = self(x)
-        ce = self.cross_entropy(logits, y)
         if not self.uses_teacher():
-            return {"ce": ce}
-        rho, settings = self.teacher_targets(x, y), self.loss_settings
-        kd = kd_kl_div(logits, rho, settings.temperature, t2_scaling=settings.t2_scaling)
-        return {"ce": settings.ce_weight * ce, "kd": settings.kd_weight * kd}
+            return {"ce": self.cross_entropy(self(x), y)}
+        # The teacher runs before the student's forward: the other way round, its convolutions ran while the
+        # student's activations were held for the backward pass, and the KD step took 1.18x the CE step plus the
+        # teacher's forward instead of 1.02x (CPU, ResNet-20 pair; see the benchmark's kd row).
+        targets = self.teacher_targets(x, y)
+        ce, kd = kd_loss_terms(self(x), y, targets, self.loss_settings)
+        return {"ce": ce, "kd": kd}
 
     def teacher_targets(self, x: Tensor, y: Tensor) -> Tensor:
         """``(B, K)`` float32 distribution :math:`\\rho` of the batch; the teacher runs only for kinds that need it."""
-        hp = self.hparams
         teacher_logits = None
         if self.hparams.target_kind in TEACHER_FORWARD_KINDS:
             teacher_logits = self.teacher_logits(x) if self.teacher_cache is None else self._cached_teacher_logits(x)
+        return self.targets_of(y, teacher_logits=teacher_logits)
+
+    def targets_of(self, y: Tensor, **teacher_output: Tensor | None) -> Tensor:
+        """:math:`\\rho` of the ``target_kind`` for the labels ``y`` and the teacher's ``teacher_logits`` or
+        ``teacher_probs`` (:func:`~kd_lightning.targets.teacher_distribution`)."""
+        hp = self.hparams
         return teacher_distribution(
-            self.hparams.target_kind,
+            hp.target_kind,
             y,
             self.num_classes,
-            teacher_logits=teacher_logits,
             class_table=self.class_table,
             temperature=self.loss_settings.temperature,
             k=hp.topk,
             pt_weight=hp.pt_weight,
+            **teacher_output,
         )
 
     def teacher_logits(self, x: Tensor) -> Tensor:
@@ -222,6 +241,12 @@ class DistillModule(KDStudentModule):
     Python (then loading a checkpoint needs ``teacher=`` again). Its weights stay out of the student's checkpoints
     unless ``save_teacher=True``.
 
+    With ``teacher_store`` (Shen & Xing, ECCV 2022), the teacher runs once, at the start of the first ``fit`` naming
+    the store, over ``store_draws`` recorded augmentation draws of every training sample (every rank its share); the
+    student then trains on one stored view per sample and epoch (a choice seeded by the epoch: a resume picks the
+    same) against the stored top-``store_topk`` targets, through :func:`~kd_lightning.fused.cross_entropy_and_kd`
+    without expanding them. A store made for another teacher, temperature, dataset or augmentation is refused.
+
     Args:
         teacher: the teacher as an ``nn.Module`` (its logits from ``teacher(x)``), from Python only; exclusive with
             ``teacher_checkpoint``.
@@ -230,12 +255,18 @@ class DistillModule(KDStudentModule):
             plain ``state_dict`` (see :meth:`FrozenTeacher.from_checkpoint`).
         teacher_backbone_kwargs: the teacher backbone's keyword arguments; None: those its checkpoint records.
         save_teacher: also write the teacher's weights into the student's checkpoints.
+        teacher_store: folder of a teacher store (:mod:`kd_lightning.teacher_store`): the teacher's outputs on
+            recorded views of every training sample, built at the start of the first fit that names it and read
+            instead of running the teacher (kinds ``kd``, ``pt``, ``topk``, ``pt+sim``, ``pt+rel``). None: no store.
+        store_draws: ``R``, the augmentation draws recorded per training sample.
+        store_topk: ``k``, the teacher's probabilities stored per view (``num_classes`` or more: all of them).
         **kwargs: :class:`KDStudentModule`'s arguments (``target_kind``, ``alpha``, ``temperature`` ...) and
             :class:`ClassifierModule`'s (``backbone``, ``num_classes``, ``optimizer`` ...).
 
     Raises:
         ValueError: a teacher given twice or half given, a teacher checkpoint of another backbone / number of
-            classes, and :class:`KDStudentModule`'s errors.
+            classes, ``teacher_store`` with a kind that needs no teacher output, with ``cache_teacher_topk`` or with
+            ``store_topk`` out of range, and :class:`KDStudentModule`'s errors.
         TypeError: a ``teacher`` that is not an ``nn.Module``.
     """
 
@@ -248,6 +279,9 @@ class DistillModule(KDStudentModule):
         teacher_checkpoint: str | None = None,
         teacher_backbone_kwargs: dict[str, Any] | None = None,
         save_teacher: bool = False,
+        teacher_store: str | None = None,
+        store_draws: int = 4,
+        store_topk: int = 10,
         **kwargs: Any,
     ) -> None:
         if teacher is not None and not isinstance(teacher, nn.Module):
@@ -267,6 +301,57 @@ class DistillModule(KDStudentModule):
                 teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs, self.build_backbone
             )
         super().set_teacher(teacher, save_teacher)
+        #: The teacher store read instead of running the teacher (None: no store).
+        self.stored_teacher = self._stored_teacher(teacher_store, store_draws, store_topk)
+
+    def _stored_teacher(self, path: str | None, draws: int, topk: int) -> StoredTeacher | None:
+        """The store of ``teacher_store``, its options checked against the module's.
+
+        Raises:
+            ValueError: see the class docstring.
+        """
+        if path is None:
+            return None
+        hp = self.hparams
+        if hp.target_kind not in TEACHER_FORWARD_KINDS or hp.cache_teacher_topk is not None:
+            raise ValueError(
+                f"teacher_store stores the teacher's outputs: it serves the target kinds that read them "
+                f"({', '.join(sorted(TEACHER_FORWARD_KINDS))}), without cache_teacher_topk; got "
+                f"target_kind={hp.target_kind!r}, cache_teacher_topk={hp.cache_teacher_topk}"
+            )
+        if hp.target_kind == "topk" and topk < hp.topk:
+            raise ValueError(f"target_kind 'topk' reads topk={hp.topk} entries: store_topk must be >= it, got {topk}")
+        settings = self.loss_settings
+        return StoredTeacher(path, draws, topk, settings.temperature, self.num_classes, self.store_teacher_logits)
+
+    # ---------------------------------------------------------------------------------------- teacher store
+    def configure_callbacks(self) -> list[Callback]:
+        """The teacher store, which attaches itself to the datamodule and is built or checked at fit start."""
+        return [] if self.stored_teacher is None else [self.stored_teacher]
+
+    def store_teacher_logits(self) -> Callable[[Any], Tensor] | None:
+        """The teacher's logits of a store build batch's inputs (one row per store row), or None for the default
+        (the teacher on the flattened views, see :class:`~kd_lightning.modules.stored_teacher.StoredTeacher`); a
+        language model's carries its state."""
+        return None
+
+    def training_losses(self, batch: Any) -> dict[str, Tensor]:
+        """:class:`KDStudentModule`'s loss; on a teacher store's batch ``(x, y, rows)``, against the stored targets."""
+        batch, rows = split_stored_batch(batch)
+        if rows is None:
+            return super().training_losses(batch)
+        x, y = self.unpack_batch(batch)
+        ce, kd = kd_loss_terms(self(x), y, self.stored_targets(y, rows), self.loss_settings)
+        return {"ce": ce, "kd": kd}
+
+    def stored_targets(self, y: Tensor, rows: Tensor) -> Tensor | SparseTargets:
+        """:math:`\\rho` of the store's ``rows``: its sparse entries for ``kd`` and ``topk`` (never expanded), the
+        dense rows of the other kinds."""
+        kind = self.hparams.target_kind
+        sparse = self.stored_teacher.targets(rows, self.hparams.topk if kind == "topk" else None)
+        if kind in ("kd", "topk"):
+            return sparse
+        return self.targets_of(y, teacher_probs=expand_sparse_targets(*sparse, self.num_classes))
 
     def set_teacher(self, teacher: nn.Module | None, save: bool | None = None) -> None:
         """Installs (or removes) a teacher given as a network (the checkpoint options are cleared); ``save``: None

@@ -21,6 +21,7 @@ training state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.cli import OptimizerCallable
@@ -190,17 +191,34 @@ class LanguageModelDistillModule(LanguageModelMixin, DistillModule):
 
     :class:`~kd_lightning.DistillModule`'s loss per token, the teacher a frozen language model
     (``teacher_backbone`` + ``teacher_checkpoint`` of a :class:`LanguageModelModule`, or an ``nn.Module``) that reads
-    the same windows and carries its own hidden state. ``target_kind: topk`` is KD-topk. The teacher-output cache is
-    not offered: a teacher's output depends on its carried state, not on the window alone.
+    the same windows and carries its own hidden state. ``target_kind: topk`` is KD-topk.
+
+    ``teacher_store`` (see :class:`~kd_lightning.DistillModule`) stores the teacher's top-``store_topk`` next-word
+    distribution at every training position once (the teacher reading each rank's rows of the stream from their
+    start, its state carried through the whole pass: with ``epochs_per_pass > 1`` the live teacher restarts its
+    state at every piece, the stored one does not), and the student reads them instead of running the teacher;
+    nothing is drawn (``store_draws`` 1). The teacher-output cache (``cache_teacher_topk``) is not offered: a
+    teacher's output depends on its carried state, not on the window alone.
     """
 
-    def __init__(self, cache_teacher_topk: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, cache_teacher_topk: int | None = None, store_draws: int = 1, **kwargs: Any) -> None:
         if cache_teacher_topk is not None:
             raise ValueError(
                 "cache_teacher_topk is not supported for language models: the teacher's output depends on its "
                 "carried hidden state, not on the window alone"
             )
-        super().__init__(**kwargs)
+        super().__init__(store_draws=store_draws, **kwargs)
 
     def teacher_logits(self, x: Tensor) -> Tensor:
         return self.run_stateful(self.teacher, x, "teacher")
+
+    def store_teacher_logits(self) -> Callable[[Tensor], Tensor]:
+        """The teacher's ``(B*t, V)`` logits of the store's windows, in order, its hidden state carried."""
+        state = None
+
+        def logits(tokens: Tensor) -> Tensor:
+            nonlocal state
+            output, state = self.teacher(tokens, state)
+            return output.flatten(0, 1)
+
+        return logits

@@ -11,9 +11,12 @@ import warnings
 from typing import Any, Literal, get_args
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from kd_lightning.fused import expand_sparse_targets
 from kd_lightning.losses import aggregate_targets, attention_weights, group_kd_kl_div, soft_cross_entropy
+from kd_lightning.modules.stored_teacher import StoredTeacher, split_stored_batch
 from kd_lightning.modules.student_group import DistillationGroupModule
 from kd_lightning.modules.teacher import FrozenTeacher
 
@@ -77,13 +80,20 @@ class OKDDipModule(DistillationGroupModule):
         teacher_checkpoint: its weights (a kd_lightning checkpoint or a plain ``state_dict``).
         teacher_backbone_kwargs: its backbone's keyword arguments (None: those its checkpoint records).
         teacher_weight: weight of the teacher term.
+        teacher_store: folder of a teacher store (as :class:`~kd_lightning.DistillModule`'s): the teacher term reads
+            the teacher's stored outputs on recorded views (built at the start of the first ``fit``, at ``temperature``)
+            instead of running the teacher; the students train on those views. None: the teacher runs every step.
+        store_draws: ``R``, the augmentation draws recorded per training sample.
+        store_topk: ``k``, the teacher's probabilities stored per view (the rest of the mass spread uniformly;
+            ``num_classes`` or more: all of them).
         **kwargs: :class:`DistillationGroupModule` arguments: ``num_students`` (``m``, peers and leader together:
             >= 3 with a leader, >= 2 without), ``network_based`` (Tables 1-2, first column), ``temperature`` (3),
             ``rampup_epochs`` (80) ...
 
     Raises:
         ValueError: an unknown ``aggregation`` or ``aggregate``, ``"self"`` with detached targets, too few students,
-            ``inference_peer`` with a leader or out of range, a teacher half given, ``teacher_weight < 0``.
+            ``inference_peer`` with a leader or out of range, a teacher half given, ``teacher_weight < 0``,
+            ``teacher_store`` without a teacher.
     """
 
     def __init__(
@@ -97,6 +107,9 @@ class OKDDipModule(DistillationGroupModule):
         teacher_checkpoint: str | None = None,
         teacher_backbone_kwargs: dict[str, Any] | None = None,
         teacher_weight: float = 1.0,
+        teacher_store: str | None = None,
+        store_draws: int = 4,
+        store_topk: int = 10,
         **kwargs: Any,
     ) -> None:
         _check_aggregation(aggregation, aggregate, detach_targets)
@@ -107,6 +120,8 @@ class OKDDipModule(DistillationGroupModule):
             )
         if teacher_weight < 0:
             raise ValueError(f"teacher_weight must be >= 0, got {teacher_weight}")
+        if teacher_store is not None and teacher_checkpoint is None:
+            raise ValueError("teacher_store stores a teacher's outputs: give teacher_backbone + teacher_checkpoint")
         super().__init__(detach_targets=detach_targets, **kwargs)
         _check_students(self.num_students, leader, inference_peer)
         if not leader and inference_peer is None:
@@ -123,6 +138,11 @@ class OKDDipModule(DistillationGroupModule):
                 teacher_backbone, self.num_classes, teacher_checkpoint, teacher_backbone_kwargs
             )
             self.frozen.set("teacher", [teacher], self.device)
+        #: The teacher store read by the teacher term (None: the teacher runs).
+        self.stored_teacher = None
+        if teacher_store is not None:
+            temperature = self.hparams.temperature
+            self.stored_teacher = StoredTeacher(teacher_store, store_draws, store_topk, temperature, self.num_classes)
 
     # ------------------------------------------------------------------------------------------------ students
     @property
@@ -179,7 +199,9 @@ class OKDDipModule(DistillationGroupModule):
         return group_kd_kl_div(leader_logits[None], target, temperature)
 
     def training_losses(self, batch: Any) -> dict[str, Tensor]:
+        batch, rows = split_stored_batch(batch)
         x, y = self.unpack_batch(batch)
+        teacher = None if self.teacher is None else self.teacher_probs(x, rows)  # first: see KDStudentModule's
         output = self.run_group(x)
         logits, peers = output.logits, slice(0, self.num_peer_students)
         weight = self.distill_weight()
@@ -189,12 +211,22 @@ class OKDDipModule(DistillationGroupModule):
         }
         if self.hparams.leader:
             losses["leader_kd"] = weight * self.leader_loss(logits[peers], logits[-1])
-        if self.teacher is not None:
-            temperature = self.hparams.temperature
-            teacher = (self.teacher(x).float() / temperature).softmax(dim=-1)
-            kd = group_kd_kl_div(logits, teacher.expand_as(logits), temperature)
+        if teacher is not None:
+            kd = group_kd_kl_div(logits, teacher.expand_as(logits), self.hparams.temperature)
             losses["teacher_kd"] = self.hparams.teacher_weight * kd
         return losses
+
+    def teacher_probs(self, x: Tensor, rows: Tensor | None) -> Tensor:
+        """The teacher's ``(B, C)`` probabilities at the temperature: its forward on ``x``, or the store's ``rows``
+        (their stored entries expanded)."""
+        if rows is None:
+            return (self.teacher(x).float() / self.hparams.temperature).softmax(dim=-1)
+        return expand_sparse_targets(*self.stored_teacher.targets(rows), self.num_classes)
+
+    # ---------------------------------------------------------------------------------------- teacher store
+    def configure_callbacks(self) -> list[Callback]:
+        """The teacher store, which attaches itself to the datamodule and is built or checked at fit start."""
+        return [] if self.stored_teacher is None else [self.stored_teacher]
 
 
 def _check_aggregation(aggregation: str, aggregate: str, detach_targets: bool) -> None:

@@ -1,4 +1,8 @@
-"""The teacher-output cache: a teacher's top-k outputs of every training input, looked up by input content."""
+"""The teacher-output cache: a teacher's top-k outputs of every training input, looked up by input content.
+
+Deprecated (``DistillModule(cache_teacher_topk=...)`` warns): :mod:`kd_lightning.teacher_store` supersedes it, on disk,
+with augmentation and under DDP. Kept for one release so that configs using it keep working.
+"""
 
 from __future__ import annotations
 

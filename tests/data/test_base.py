@@ -375,6 +375,9 @@ def test_protocol_members_are_the_data_attribute_names():
             "superclass_map",
             "device_transform",
             "train_shard_dataloader",
+            "teacher_store_layout",
+            "teacher_store_dataloader",
+            "use_teacher_store",
         }
     )
 

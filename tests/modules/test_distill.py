@@ -311,7 +311,8 @@ def test_teacher_cache_stores_a_repeated_input_harmlessly():
 
 
 def test_teacher_cache_runs_the_teacher_in_the_first_epoch_only(tmp_path, teacher_ckpt, tiny_synthetic):
-    module = _student(teacher_ckpt, cache_teacher_topk=C)
+    with pytest.warns(FutureWarning, match="cache_teacher_topk is deprecated .* use DistillModule's teacher_store"):
+        module = _student(teacher_ckpt, cache_teacher_topk=C)
     calls = []
     module.teacher.network.register_forward_pre_hook(lambda *_: calls.append(1))
     trainer = fast_trainer(tmp_path, max_epochs=3, limit_val_batches=0)

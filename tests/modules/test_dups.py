@@ -369,6 +369,7 @@ def test_bad_stages_fail_at_the_start_of_fit(tmp_path, tiny_synthetic):
         ({"statistics": "offline"}, "statistics must be 'online' or 'recompute'"),
         ({"peers_per_class": 0}, r"peers_per_class must be >= 1 or None"),
         ({"peers_per_class": 2, "num_peers": 2}, "set peers_per_class only"),
+        ({"table_dtype": "float8"}, "table_dtype must be 'float32', 'float16' or 'bfloat16', got 'float8'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -599,3 +600,39 @@ def test_recompute_needs_a_datamodule_that_gives_the_shard_loader(tmp_path):
     loader = torch.utils.data.DataLoader(data.train_set, batch_size=16)
     with pytest.raises(ValueError, match="train_shard_dataloader"):
         fast_trainer(tmp_path, max_epochs=2).fit(module, train_dataloaders=loader)
+
+
+# ------------------------------------------------------------------------------------------- 16-bit tables
+@pytest.mark.parametrize("table_topk", [None, 3])
+def test_16_bit_tables_hold_the_float32_targets_rounded_once(tmp_path, table_topk):
+    tables = {}
+    for dtype in ("float32", "float16"):
+        pl.seed_everything(0)
+        module = DUPSModule(**tiny_mlp_kwargs(), num_stages=2, table_topk=table_topk, table_dtype=dtype)
+        data = SyntheticDataModule(**TINY_SYNTHETIC)
+        fast_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(module, datamodule=data)
+        tables[dtype] = module.class_targets
+    half, full = tables["float16"], tables["float32"]
+    stored = half.targets if table_topk is None else half.values
+    assert stored.dtype == torch.float16 and (table_topk is None or half.rest.dtype == torch.float16)
+    reference = full.targets if table_topk is None else full.values
+    torch.testing.assert_close(stored.float(), reference, atol=1e-3, rtol=1e-3)
+    labels = torch.arange(C)
+    for a, b in zip(half.batch_targets(labels)[1:], full.batch_targets(labels)[1:], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)  # the entropy terms and masses, in float32
+
+
+def test_checkpoints_hold_the_dense_sums_only_while_statistics_are_pending():
+    table = ClassTargetTable(4, KDSettings(2.0), dtype=torch.float16)
+    assert table.state_dict()["sums"].numel() == 0
+    table.update(torch.randn(6, 4), torch.tensor([0, 1, 1, 2, 3, 3]))
+    pending = copy.deepcopy(table.state_dict())
+    assert pending["sums"].shape == (4, 4)
+    table.finalize()
+    empty = table.state_dict()
+    assert empty["sums"].numel() == 0 and empty["targets"].dtype == torch.float16
+    restored = ClassTargetTable(4, KDSettings(2.0), dtype=torch.float16)
+    restored.load_state_dict(empty)
+    assert torch.equal(restored.targets, table.targets) and torch.equal(restored.sums, torch.zeros(4, 4))
+    restored.load_state_dict(pending)
+    assert torch.equal(restored.sums, pending["sums"])
