@@ -7,28 +7,29 @@ data is: it loads the raw training pool and the raw test set (samples ``(raw_x, 
 gives the per-sample training and evaluation transforms, and, for on-device augmentation, a
 :class:`~kd_lightning.data.transforms.BatchAugment`. Everything else is here (with ``ddp_spawn`` pickling):
 
-* **Split.** ``val_size`` samples of the training pool are held out for validation, stratified by class and drawn
-  with a generator seeded by ``split_seed`` (independent of the training seed). They get the evaluation
-  transform even though they come from the training files. ``val_size=0`` trains on the whole pool with no
-  validation loop (the papers' protocol: train on everything, report test): :meth:`val_dataloader` then returns
-  ``[]``, which Lightning 2.6 reads as one empty loader: zero validation batches, so the validation loop and the
-  sanity check are skipped (Lightning warns "Total length of `list` across ranks is zero").
+* **Split.** ``val_size`` samples of the training pool are held out for validation, stratified by class and drawn with a
+  generator seeded by ``split_seed`` (independent of the training seed). They get the evaluation transform even though
+  they come from the training files. ``val_size=0`` trains on the whole pool with no validation loop (the papers'
+  protocol: train on everything, report test): :meth:`~ClassificationDataModule.val_dataloader` then returns ``[]``,
+  which Lightning 2.6 reads as one empty loader: zero validation batches, so the validation loop and the sanity check
+  are skipped (Lightning warns "Total length of `list` across ranks is zero").
 * **Views.** ``views=2`` gives training batches ``((x_a, x_b), y)``: two independently augmented views of the
   same images and one label tensor (evaluation batches stay ``(x, y)``).
 * **Exact resume.** Every DataLoader gets its own ``torch.Generator``, so creating an iterator never draws from the
   global RNG (a DataLoader draws its workers' base seed, and ``RandomSampler`` its permutation, from
   ``loader.generator`` or, without one, from the global RNG). The training loader's two generators belong to the
-  datamodule: :attr:`shuffle_generator` (its ``RandomSampler``'s: one permutation per epoch) and the loader's own
-  (the workers' base seed, drawn per iterator, i.e. once per run with persistent workers). Keeping them apart makes
-  the order of epoch ``k`` independent of ``num_workers``. Both are seeded from ``shuffle_seed`` (or, when None,
-  ``torch.initial_seed()`` at construction, so ``seed_everything`` governs them), and their states are what
-  :meth:`state_dict` returns: Lightning stores it in checkpoints and calls :meth:`load_state_dict` before the
-  loaders are built, so a run resumed from an epoch-end checkpoint shuffles the following epochs exactly as the
-  uninterrupted run. (Under a distributed strategy Lightning replaces the sampler with a ``DistributedSampler``,
-  which shuffles with its own epoch-based seed.) Evaluation loaders get a fresh fixed-seed generator each time.
-* **On-device augmentation.** When a subclass sets :attr:`batch_augment`, its loaders yield ``uint8`` images and
-  :meth:`on_after_batch_transfer` augments them on the accelerator (``trainer.training``: random crop/flip and
-  normalise, each view independently; otherwise normalise only).
+  datamodule: :attr:`~ClassificationDataModule.shuffle_generator` (its ``RandomSampler``'s: one permutation per epoch)
+  and the loader's own (the workers' base seed, drawn per iterator, i.e. once per run with persistent workers). Keeping
+  them apart makes the order of epoch ``k`` independent of ``num_workers``. Both are seeded from ``shuffle_seed`` (or,
+  when None, ``torch.initial_seed()`` at construction, so ``seed_everything`` governs them), and their states are what
+  :meth:`~ClassificationDataModule.state_dict` returns: Lightning stores it in checkpoints and calls
+  :meth:`~ClassificationDataModule.load_state_dict` before the loaders are built, so a run resumed from an epoch-end
+  checkpoint shuffles the following epochs exactly as the uninterrupted run. (Under a distributed strategy Lightning
+  replaces the sampler with a ``DistributedSampler``, which shuffles with its own epoch-based seed.) Evaluation loaders
+  get a fresh fixed-seed generator each time.
+* **On-device augmentation.** When a subclass sets :attr:`~ClassificationDataModule.batch_augment`, its loaders yield
+  ``uint8`` images and :meth:`~ClassificationDataModule.on_after_batch_transfer` augments them on the accelerator
+  (``trainer.training``: random crop/flip and normalise, each view independently; otherwise normalise only).
 """
 
 from __future__ import annotations

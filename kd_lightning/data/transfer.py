@@ -5,12 +5,12 @@
 * :class:`CUB200DataModule` reads CUB-200-2011's released folder layout (``CUB_200_2011/images.txt``,
   ``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt``, ``images/``).
 
-Nothing is downloaded unless ``download=True`` (then :meth:`prepare_data` fetches the archive once). Images go through
-the ImageNet transforms of :mod:`kd_lightning.data.transforms` ("exactly the same data augmentation methods as in
-ImageNet classification", DUPS Sec. 4.2) and are normalised with the ImageNet statistics, as the ImageNet-pretrained
-weights expect. The training pool is the official training split, or training + validation (``train_split="trainval"``,
-the default: the usual protocol for these datasets when reporting test accuracy); the test set is the official test
-split. ``val_size`` images of the pool can be held out for validation (seeded, stratified).
+Nothing is downloaded unless ``download=True`` (then :meth:`~TorchvisionTransferDataModule.prepare_data` fetches the
+archive once). Images go through the ImageNet transforms of :mod:`kd_lightning.data.transforms` ("exactly the same data
+augmentation methods as in ImageNet classification", DUPS Sec. 4.2) and are normalised with the ImageNet statistics, as
+the ImageNet-pretrained weights expect. The training pool is the official training split, or training + validation
+(``train_split="trainval"``, the default: the usual protocol for these datasets when reporting test accuracy); the test
+set is the official test split. ``val_size`` images of the pool can be held out for validation (seeded, stratified).
 """
 
 from __future__ import annotations

@@ -152,8 +152,11 @@ class AWDLSTM(nn.Module):
         embedding_dim: embedding width (400 for the teacher, 300 for the student of Tang et al., App. 7.2).
         hidden_size: width of the inner LSTM layers (1150 / 600).
         num_layers: LSTM layers (3).
-        output_dropout, hidden_dropout, input_dropout, embedding_dropout, weight_drop: the dropout rates of the
-            reference code's ``dropout`` / ``dropouth`` / ``dropouti`` / ``dropoute`` / ``wdrop``.
+        output_dropout: locked dropout on the last layer's output (the reference code's ``dropout``).
+        hidden_dropout: locked dropout between the LSTM layers (``dropouth``).
+        input_dropout: locked dropout on the embedded input (``dropouti``).
+        embedding_dropout: rate of whole words dropped from the embedding matrix (``dropoute``).
+        weight_drop: DropConnect rate on the hidden-to-hidden matrices (``wdrop``).
         tie_weights: share the embedding and decoder weights.
     """
 

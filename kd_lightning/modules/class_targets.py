@@ -59,8 +59,8 @@ class _ClassTable(nn.Module):
 
     def ce_and_kd_loss(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(ce_weight * CE, kd_weight * KD)`` of the ``(B, C)`` logits in one pass with :attr:`settings`, the KD
-        term against the labels' rows (:func:`~kd_lightning.fused.cross_entropy_and_kd`, with
-        :meth:`batch_targets`)."""
+        term against the labels' rows (:func:`~kd_lightning.fused.cross_entropy_and_kd`, with the
+        subclass's ``batch_targets``)."""
         return cross_entropy_and_kd(logits, labels, *self.batch_targets(labels), self.settings)
 
     def peers_per_rank(self, rank: int = 0, world_size: int = 1) -> int | None:
