@@ -1,4 +1,4 @@
-"""The test suite's time per test file, as the Markdown table of the README's contributing section.
+"""The test suite's time per test file, as the Markdown table of docs/contributing.md.
 
 Runs pytest with a JUnit XML report (extra arguments go to pytest: paths, ``-k`` ...) and sums each file's test
 times (set-up, call and tear-down of every test; module imports at collection are not counted)::

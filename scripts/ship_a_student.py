@@ -1,4 +1,4 @@
-"""From a pretrained teacher to a shipped student, on scikit-learn's digits as image files (README: "Shipping").
+"""From a pretrained teacher to a shipped student, on scikit-learn's digits as image files (docs/deployment.md).
 
 The whole path, each step a documented ``kd-lightning`` command run in this process:
 
