@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100
+from typing_extensions import override
 
 from kd_lightning.data.small_images import SmallImageDataModule
 from kd_lightning.data.transforms import cifar_stats
@@ -92,6 +93,7 @@ class CIFARDataModule(SmallImageDataModule):
             self._superclass_map = mapping
         return self._superclass_map
 
+    @override
     def prepare_data(self) -> None:
         """Download and extract the archive into ``data_dir`` when ``download=True`` (and it is missing)."""
         if self.download:

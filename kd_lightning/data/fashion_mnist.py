@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
+from typing_extensions import override
 
 from kd_lightning.data.small_images import SmallImageDataModule
 from kd_lightning.data.subsets import stratified_split
@@ -173,6 +174,7 @@ class FashionMNISTDataModule(SmallImageDataModule):
         """The folders searched for the files, in order: ``<data_dir>/FashionMNIST/raw`` then ``<data_dir>``."""
         return [os.path.join(self.data_dir, "FashionMNIST", "raw"), self.data_dir]
 
+    @override
     def prepare_data(self) -> None:
         """Download the four files with torchvision when ``download=True`` and some are missing."""
         if self.download and any(self._find(name) is None for pair in FILES.values() for name in pair):

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from kd_lightning.teacher_store import StoreLayout, TeacherStore
 
@@ -180,6 +181,7 @@ class PTBDataModule(LightningDataModule):
             raise RuntimeError("the vocabulary is read in setup(): call setup() first")
         return len(self.vocabulary)
 
+    @override
     def prepare_data(self) -> None:
         if self.download:
             from torchvision.datasets.utils import download_url
@@ -188,6 +190,7 @@ class PTBDataModule(LightningDataModule):
                 if not (self.data_dir / name).is_file():
                     download_url(PTB_URL + name, str(self.data_dir), name, md5=PTB_MD5[split])
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.streams:
             return
@@ -227,6 +230,7 @@ class PTBDataModule(LightningDataModule):
     def _loader(self, split: str, rows_per_rank: int) -> DataLoader:
         return DataLoader(BPTTWindows(self.rank_rows(split, rows_per_rank), self.bptt), batch_size=None)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """The training windows; while a teacher store is in use, ``(x, y, rows)`` with the store rows of ``y``."""
         positions = self.store_positions(*self._ranks()) if self.teacher_store is not None else None
@@ -280,8 +284,10 @@ class PTBDataModule(LightningDataModule):
         """Training batches ``(x, y, rows)`` from now on (None: ``(x, y)``)."""
         self.teacher_store = store
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)

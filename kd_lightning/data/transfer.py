@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import DTD, FGVCAircraft, Flowers102, VisionDataset
 from torchvision.datasets.utils import download_and_extract_archive
+from typing_extensions import override
 
 from kd_lightning.data.image_files import ImageFileDataModule, ImageFiles
 
@@ -94,6 +95,7 @@ class TorchvisionTransferDataModule(ImageFileDataModule):
     def _train_splits(self) -> list[str]:
         return ["train", "val"] if self.train_split == "trainval" else ["train"]
 
+    @override
     def prepare_data(self) -> None:
         """Download and unpack the archive into ``data_dir`` when ``download=True`` (and it is missing)."""
         if self.download:
@@ -344,6 +346,7 @@ class CUB200DataModule(ImageFileDataModule):
         """Class names in label order (``classes.txt``), e.g. ``"001.Black_footed_Albatross"``."""
         return self._read()[0]
 
+    @override
     def prepare_data(self) -> None:
         """Download and unpack ``CUB_200_2011.tgz`` into ``data_dir`` when ``download=True`` and it is missing."""
         if self.download and not os.path.isfile(os.path.join(self.folder, "images.txt")):

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from kd_lightning.checkpoints import record_module, upgrade
 from kd_lightning.data.base import data_attribute
@@ -129,6 +130,7 @@ class ClassifierModule(pl.LightningModule):
         """Cross-entropy in float32 (also under mixed precision) with the module's label smoothing."""
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         losses = self.training_losses(batch)
         total = torch.stack(list(losses.values())).sum()
@@ -157,12 +159,15 @@ class ClassifierModule(pl.LightningModule):
         """Named logits of an evaluation input, in the order of :meth:`eval_output_names`."""
         return {"main": self(x)}
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Class probabilities of the model's prediction (the first output)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -219,6 +224,7 @@ class ClassifierModule(pl.LightningModule):
         )
 
     # ----------------------------------------------------------------------------------------------- set-up
+    @override
     def setup(self, stage: str) -> None:
         self._check_datamodule()
         self._build_metrics()
@@ -240,6 +246,7 @@ class ClassifierModule(pl.LightningModule):
                 f"views={views}"
             )
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
@@ -262,11 +269,13 @@ class ClassifierModule(pl.LightningModule):
         return max_epochs
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The kd-lightning entry: the class (for :func:`~kd_lightning.load_module`) and the saved frozen networks."""
         record_module(checkpoint, self)
         self.frozen.save(checkpoint)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of an earlier version is brought to the current layout first (see
         :func:`~kd_lightning.checkpoints.upgrade`)."""

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from kd_lightning.checkpoints import record_module, recorded
 from kd_lightning.data.base import data_attribute
@@ -202,11 +203,13 @@ class KDStudentModule(ClassifierModule):
             cache.add(x, values, indices)
         return cache.decode(values, indices, self.num_classes).log() * self.loss_settings.temperature
 
+    @override
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None and not self.teacher_cache.ready:
             self.teacher_cache.finalize()
 
     # ------------------------------------------------------------------------------------------------ set-up
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if TABLE_OF_KIND.get(self.hparams.target_kind) == "rel":
@@ -222,6 +225,7 @@ class KDStudentModule(ClassifierModule):
             hp = self.hparams
             self.class_table = rel_table(superclass_map, hp.rel_gt_mass, hp.rel_superclass_mass).to(self.device)
 
+    @override
     def on_fit_start(self) -> None:
         if not self.uses_teacher():
             rank_zero_warn(
@@ -325,6 +329,7 @@ class DistillModule(KDStudentModule):
         return StoredTeacher(path, draws, topk, settings.temperature, self.num_classes, self.store_teacher_logits)
 
     # ---------------------------------------------------------------------------------------- teacher store
+    @override
     def configure_callbacks(self) -> list[Callback]:
         """The teacher store, which attaches itself to the datamodule and is built or checked at fit start."""
         return [] if self.stored_teacher is None else [self.stored_teacher]
@@ -361,11 +366,13 @@ class DistillModule(KDStudentModule):
         super().set_teacher(teacher, self.hparams.save_teacher if save is None else save)
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.teacher_from_python:
             record_module(checkpoint, self, teacher_source="object")
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Teacher weights saved with ``save_teacher=True`` replace those the hyperparameters rebuilt.
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from kd_lightning.data.base import data_attribute
 from kd_lightning.losses import KDSettings
@@ -133,6 +134,7 @@ class StagedDistillModule(ClassifierModule):
         #: The stages of the current ``fit``, resolved from ``trainer.max_epochs`` in :meth:`setup`.
         self.stage_schedule: StageSchedule | None = None
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":
@@ -144,6 +146,7 @@ class StagedDistillModule(ClassifierModule):
         """0-indexed stage of the current epoch (0 outside ``fit``)."""
         return 0 if self.stage_schedule is None else self.stage_schedule.stage_of(self.current_epoch)
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         if not self.hparams.cyclic_lr:
             return super().configure_optimizers()
@@ -266,6 +269,7 @@ class DUPSModule(StagedDistillModule):
         mask = self.shard_padding.next_mask(num_samples, labels.device)
         return None if mask is None else mask.repeat_interleave(labels.numel() // num_samples)
 
+    @override
     def setup(self, stage: str) -> None:
         """Also give the table the trainer's ranks; for ``"recompute"``, check that the datamodule gives the pass's
         loader."""
@@ -279,11 +283,13 @@ class DUPSModule(StagedDistillModule):
                 "give yours that method, or use statistics='online'"
             )
 
+    @override
     def teardown(self, stage: str) -> None:
         """Give the table back its one-process ranks (they hold the trainer's strategy)."""
         super().teardown(stage)
         self.class_targets.ranks = RankGroup()
 
+    @override
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): turn the statistics of stage ``s - 1`` into the targets.
 

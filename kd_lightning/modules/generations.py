@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from kd_lightning.losses import score_difference
 from kd_lightning.models.registry import create_backbone, weights_loaded_later
@@ -187,6 +188,7 @@ class GenerationModule(KDStudentModule):
             return self.generation_epochs
         return super().schedule_length()
 
+    @override
     def on_fit_start(self) -> None:
         """No warning for the patriarch's missing teacher (KDStudentModule's): generation 0 has none by design."""
 
@@ -221,6 +223,7 @@ class GenerationModule(KDStudentModule):
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The finished generations saved in the checkpoint, and the last of them as the teacher."""
         super().on_load_checkpoint(checkpoint)

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from typing_extensions import override
 
 from kd_lightning.fused import expand_sparse_targets
 from kd_lightning.losses import aggregate_targets, attention_weights, group_kd_kl_div, soft_cross_entropy
@@ -224,6 +225,7 @@ class OKDDipModule(DistillationGroupModule):
         return expand_sparse_targets(*self.stored_teacher.targets(rows), self.num_classes)
 
     # ---------------------------------------------------------------------------------------- teacher store
+    @override
     def configure_callbacks(self) -> list[Callback]:
         """The teacher store, which attaches itself to the datamodule and is built or checked at fit start."""
         return [] if self.stored_teacher is None else [self.stored_teacher]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from kd_lightning.losses import kd_kl_div_logits
 from kd_lightning.modules.dups import StagedDistillModule
@@ -52,12 +53,14 @@ class SnapshotDistillModule(StagedDistillModule):
         """The snapshot: the model at the start of the current stage (held in :attr:`frozen`, saved in checkpoints)."""
         return self.frozen.first("teacher")
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The snapshot a resumed run distils from."""
         super().on_load_checkpoint(checkpoint)
         for state in self.frozen.saved_states(checkpoint, "teacher"):
             self.teacher.network.load_state_dict(state)
 
+    @override
     def on_train_epoch_start(self) -> None:
         """At the first epoch of stage ``s >= 1`` (once): the current weights become the teacher."""
         stage = self.current_stage()
