@@ -174,7 +174,7 @@ def class_names(datamodule: pl.LightningDataModule | None) -> list[str] | None:
 
 def _eval_preprocessing(datamodule: pl.LightningDataModule | None) -> str | None:
     """The datamodule's per-image evaluation transform, as text (its ``repr``)."""
-    transform = getattr(datamodule, "_eval_transform", lambda: None)()
+    transform = getattr(datamodule, "evaluation_transform", lambda: None)()
     return None if transform is None else repr(transform)
 
 

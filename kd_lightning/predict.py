@@ -79,7 +79,7 @@ def image_transform(datamodule: pl.LightningDataModule | None) -> Callable[[Imag
         ValueError: a datamodule of other than images (or none known).
     """
     if isinstance(datamodule, ImageFileDataModule):
-        return datamodule._eval_transform()
+        return datamodule.evaluation_transform()
     if isinstance(datamodule, SmallImageDataModule):
         return v2.Compose(
             [v2.Resize(list(datamodule.input_shape[1:])), eval_transform(datamodule.mean, datamodule.std)]

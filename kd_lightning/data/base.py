@@ -246,6 +246,11 @@ class ClassificationDataModule(StoreViewsMixin, LightningDataModule):
         """Per-sample evaluation transform of a raw sample (None: identity)."""
         return None
 
+    def evaluation_transform(self) -> Callable | None:
+        """The per-sample evaluation transform of a raw sample (None: identity): what the validation and test sets go
+        through, what ``kd-lightning export`` records and ``kd-lightning predict`` applies to an image file."""
+        return self._eval_transform()
+
     # ------------------------------------------------------------------------------------------------ datasets
     @override
     def setup(self, stage: str | None = None) -> None:
