@@ -203,9 +203,10 @@ def _note(spec: ReportSpec, records: Sequence[Mapping[str, Any]]) -> str:
         if spec.baselines
         else ""
     )
+    percent = "; accuracies in %" if any(unit_scale(metric) == 100.0 for metric in spec.metrics) else ""
     return (
-        f"Mean ± sample std over seeds {', '.join(map(str, seeds)) or '-'} (n: seeds per variant){paired}; "
-        f"accuracies in %. Commit(s): {', '.join(commits) or 'unknown'}."
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds)) or '-'} (n: seeds per variant){paired}{percent}. "
+        f"Commit(s): {', '.join(commits) or 'unknown'}."
     )
 
 

@@ -21,7 +21,7 @@ import yaml
 from kd_lightning import sweep
 from kd_lightning.cli import main
 from kd_lightning.grid import Grid, GridError, Outcome, Run
-from kd_lightning.report import read_curve, unit_scale, validation_curves
+from kd_lightning.report import ReportSpec, cells, markdown, read_curve, unit_scale, validation_curves
 from kd_lightning.run_folder import SUMMARY_FILE
 from kd_lightning.sweep import run_grid
 from tests.helpers import TINY_SYNTHETIC
@@ -322,6 +322,7 @@ def test_report_matches_hand_computation(tmp_path, monkeypatch, capsys):
     assert "| variant | n | test/acc1 (%) | Δ vs base | paper | paper Δ |" in table
     assert "| base | 3 | 72.00 ± 2.00 | - | 70.00 | - |" in table
     assert "| Method | 2 | 74.50 ± 2.12 | +3.50 ± 0.71 | 71.50 | +1.50 |" in table
+    assert "; accuracies in %." in table
     assert table in capsys.readouterr().out
     with (tmp_path / "runs" / "tiny" / "report.csv").open() as rows:
         row = {r["variant"]: r for r in csv.DictReader(rows)}["m"]
@@ -350,6 +351,9 @@ def test_a_table_with_a_baseline_per_row_names_each(tmp_path, monkeypatch, capsy
     assert "| variant | n | vs | test/acc1 (%) | Δ | paper | paper Δ |" in table
     assert "| r_base | 1 | - | 69.00 | - | 68.99 | - |" in table
     assert "| w_sd | 1 | w_base | 81.00 | +1.00 | 80.67 | +1.10 |" in table
+    records = [{"variant": "sgd", "seed": 1, "metrics": {"test/ppl": 130.0}}]
+    perplexity = ReportSpec("PTB", ("sgd",), ("test/ppl",))
+    assert "accuracies" not in markdown(cells(records, perplexity), perplexity, records)
     assert main(["report", str(grid), "--baseline", "r_base", "--out", "all"]) is None
     assert "| w_sd | 1 | 81.00 | +12.00 | 80.67 | +11.68 |" in (tmp_path / "all" / "report.md").read_text()
     with pytest.raises(GridError, match=r"--baseline nope is not a variant; the variants: r_base, r_sd"):
