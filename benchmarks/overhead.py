@@ -272,7 +272,8 @@ class _DistillFromStore(DistillModule):
         self._opened = stored
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        # Not KDStudentModule's: it warns that a module without a teacher trains with CE only, but this one reads the
+        # store's targets.
         self.stored_teacher = self._opened
 
 
