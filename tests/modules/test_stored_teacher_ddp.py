@@ -22,6 +22,7 @@ from kd_lightning import DistillModule
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.models.registry import create_backbone
 from kd_lightning.teacher_store import StoreSpec, TeacherStore
+from tests.helpers import fast_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = {"num_classes": 6, "num_superclasses": 2, "input_dim": 16, "num_train": 192, "num_val": 0, "batch_size": 16}
@@ -62,17 +63,7 @@ def fit(out: Path) -> None:
         num_classes=6,
         backbone_kwargs={"in_features": 16, "hidden": 16},
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveRows(out, written)],
-    )
+    trainer = fast_trainer(out, devices=2, strategy="ddp", callbacks=[SaveRows(out, written)])
     trainer.fit(module, datamodule=SyntheticDataModule(**DATA))
 
 
