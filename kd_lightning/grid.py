@@ -20,6 +20,8 @@ and the metrics to report::
 
 A variant that ``needs: [teacher]`` starts once the same seed's ``teacher`` run has finished; ``{root}`` and ``{seed}``
 in its overrides name that run's folder: ``--model.init_args.teacher_checkpoint={root}/teacher/seed{seed}/...``.
+A variant may run at some of the grid's seeds only (``seeds: [0]``): one teacher for every seed of its students, who
+then need its one run (``--model.init_args.teacher_checkpoint={root}/teacher/seed0/...``).
 
 A run is finished when its folder holds ``summary.json``: a second sweep skips it. A run whose folder holds
 ``checkpoints/last.ckpt`` but no summary was interrupted: the sweep resumes it with ``--ckpt_path last``. So a grid
@@ -53,7 +55,7 @@ LOG_FILE = "run.log"
 EVENTS = "events.out.tfevents.*"
 CSV_LOG = "metrics.csv"
 GRID_KEYS = {"name", "title", "root", "seeds", "metrics", "baseline", "variants"}
-VARIANT_KEYS = {"name", "label", "config", "overrides", "paper", "needs", "baseline"}
+VARIANT_KEYS = {"name", "label", "config", "overrides", "paper", "needs", "baseline", "seeds"}
 
 
 class GridError(ValueError):
@@ -70,9 +72,11 @@ class Variant:
         overrides: command-line options after the config (``{root}`` and ``{seed}`` are replaced).
         label: the row's name in the report (default: ``name``).
         paper: the paper's number of each metric, in the report's unit (percent for accuracies).
-        needs: variants whose run of the same seed must have finished before this one starts (a teacher).
+        needs: variants whose run of the same seed (or whose one run, for a variant of one seed) must have finished
+            before this one starts (a teacher).
         baseline: the variant its paired differences are to (default: the grid's ``baseline``; a table with one
             baseline per row gives each row's own).
+        seeds: the seeds it runs at, some of the grid's (default: all of them).
     """
 
     name: str
@@ -82,6 +86,7 @@ class Variant:
     paper: Mapping[str, float] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
     baseline: str | None = None
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,14 +124,12 @@ class Grid:
         where = str(path) if path else "grid"
         _check_keys(spec, GRID_KEYS, {"name", "seeds", "metrics", "variants"}, where)
         metrics = tuple(str(metric) for metric in _as_list(spec["metrics"]))
-        seeds = tuple(_as_list(spec["seeds"]))
-        if not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
-            raise GridError(f"{where}: seeds must be a non-empty list of integers, got {spec['seeds']!r}")
+        seeds = _seed_list(spec["seeds"], where)
         if not metrics:
             raise GridError(f"{where}: metrics must name at least one metric (e.g. test/acc1)")
         variants: list[Variant] = []
         for entry in _as_list(spec["variants"]):
-            variants.append(_variant(entry, metrics, {v.name for v in variants}, where))
+            variants.append(_variant(entry, metrics, {v.name: v for v in variants}, seeds, where))
         if not variants:
             raise GridError(f"{where}: variants is empty")
         names = [v.name for v in variants]
@@ -173,7 +176,12 @@ class Grid:
         unknown = [name for name in chosen if name not in names]
         if unknown:
             raise GridError(f"{self.name}: no variant {', '.join(unknown)}; the variants: {', '.join(names)}")
-        return [Run(self, self.variant(name), seed) for seed in self.seeds for name in names if name in chosen]
+        return [
+            Run(self, variant, seed)
+            for seed in self.seeds
+            for variant in self.variants
+            if variant.name in chosen and seed in (variant.seeds or self.seeds)
+        ]
 
 
 def _check_keys(spec: Mapping[str, Any], allowed: set[str], required: set[str], where: str) -> None:
@@ -188,7 +196,9 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _variant(entry: Any, metrics: tuple[str, ...], earlier: set[str], where: str) -> Variant:
+def _variant(
+    entry: Any, metrics: tuple[str, ...], earlier: Mapping[str, Variant], grid_seeds: tuple[int, ...], where: str
+) -> Variant:
     if not isinstance(entry, Mapping):
         raise GridError(f"{where}: a variant is a mapping (name, config, overrides ...), got {entry!r}")
     name = str(entry.get("name", ""))
@@ -205,6 +215,14 @@ def _variant(entry: Any, metrics: tuple[str, ...], earlier: set[str], where: str
     missing = [need for need in needs if need not in earlier]
     if missing:
         raise GridError(f"{where}, variant {name}: needs {', '.join(missing)}, which is not a variant listed before it")
+    seeds = _variant_seeds(entry.get("seeds"), grid_seeds, f"{where}, variant {name}")
+    for need in needs:
+        own = earlier[need].seeds
+        if own is not None and len(own) > 1 and not set(seeds or grid_seeds) <= set(own):
+            raise GridError(
+                f"{where}, variant {name}: needs {need}, which runs at seeds {list(own)} only: a needed variant "
+                "runs at one seed (shared by every seed) or at every seed of the variants that need it"
+            )
     return Variant(
         name=name,
         config=str(entry["config"]),
@@ -213,7 +231,24 @@ def _variant(entry: Any, metrics: tuple[str, ...], earlier: set[str], where: str
         paper={str(metric): float(value) for metric, value in numbers.items()},
         needs=needs,
         baseline=None if entry.get("baseline") is None else str(entry["baseline"]),
+        seeds=seeds,
     )
+
+
+def _seed_list(value: Any, where: str) -> tuple[int, ...]:
+    seeds = tuple(_as_list(value))
+    if not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise GridError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
+    return seeds
+
+
+def _variant_seeds(value: Any, grid_seeds: tuple[int, ...], where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    seeds = _seed_list(value, where)
+    if not set(seeds) <= set(grid_seeds):
+        raise GridError(f"{where}: seeds {list(seeds)} are not all among the grid's seeds {list(grid_seeds)}")
+    return seeds
 
 
 @dataclass(frozen=True)
@@ -251,8 +286,12 @@ class Run:
 
     @property
     def needed(self) -> list[Run]:
-        """The runs of the same seed this one needs (``needs``)."""
-        return [Run(self.grid, self.grid.variant(name), self.seed) for name in self.variant.needs]
+        """The runs this one needs (``needs``): of the same seed, or a variant's one run when it has one seed."""
+        return [self._needed(self.grid.variant(name)) for name in self.variant.needs]
+
+    def _needed(self, variant: Variant) -> Run:
+        seeds = variant.seeds or self.grid.seeds
+        return Run(self.grid, variant, self.seed if self.seed in seeds else seeds[0])
 
     def command(self, extra: Sequence[str] = ()) -> list[str]:
         """The run's ``kd-lightning fit`` process, with ``extra`` options after the variant's overrides."""

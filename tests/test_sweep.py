@@ -20,7 +20,7 @@ import yaml
 
 from kd_lightning import sweep
 from kd_lightning.cli import main
-from kd_lightning.grid import Grid, GridError, Outcome, Run
+from kd_lightning.grid import Grid, GridError, Outcome, Run, Variant
 from kd_lightning.report import ReportSpec, cells, markdown, read_curve, unit_scale, validation_curves
 from kd_lightning.run_folder import SUMMARY_FILE
 from kd_lightning.sweep import run_grid
@@ -79,8 +79,19 @@ def test_every_grid_file_parses_and_names_existing_configs(path):
     malformed = [o for v in grid.variants for o in v.overrides if not re.fullmatch(r"--[\w.]+=\S+", o)]
     assert not malformed, f"{path.name}: overrides are --option=value, one word each: {malformed}"
     assert all(set(v.paper) <= set(grid.metrics) for v in grid.variants), "a paper number of a metric not reported"
-    assert grid.root == Path("runs", "sweeps", grid.name)
+    assert grid.root.parent == Path("runs", "sweeps") and grid.root.name in {g.stem for g in GRIDS}
     assert all(metric.startswith("test/") for metric in grid.metrics)
+
+
+def test_grids_sharing_a_root_run_the_same_runs_under_the_same_names():
+    by_root: dict[Path, dict[str, Variant]] = {}
+    for path in GRIDS:
+        grid = Grid.load(path)
+        for variant in grid.variants:
+            shared = by_root.setdefault(grid.root, {}).setdefault(variant.name, variant)
+            same = (shared.config, shared.overrides, shared.seeds, shared.needs)
+            assert same == (variant.config, variant.overrides, variant.seeds, variant.needs), (path.name, variant.name)
+    assert len(by_root[Path("runs/sweeps/fashion_mnist_benchmark")]) == 19  # the store grid adds kd_store_r4
 
 
 def test_the_seed_tables_have_grid_files():
@@ -113,6 +124,20 @@ BAD_GRIDS = [
     ({"name": "g", "seeds": [1], "metrics": ["m"], "variants": [{**CE, "paper": "high"}]}, r"paper must be a number"),
     ({"name": "g", "seeds": [1], "metrics": ["m"], "variants": [{**CE, "conf": 1}]}, r"variant ce: unknown key\(s\)"),
     ({"name": "g", "seeds": [1], "metrics": ["m"], "variants": [{**CE, "baseline": "y"}]}, r"variant ce: baseline 'y'"),
+    ({"name": "g", "seeds": [1], "metrics": ["m"], "variants": [{**CE, "seeds": [2]}]}, r"ce: seeds \[2\] are not all"),
+    (
+        {"name": "g", "seeds": [1], "metrics": ["m"], "variants": [{**CE, "seeds": []}]},
+        r"ce: seeds must be a non-empty",
+    ),
+    (
+        {
+            "name": "g",
+            "seeds": [1, 2, 3],
+            "metrics": ["m"],
+            "variants": [{**CE, "seeds": [1, 2]}, {**LS, "needs": ["ce"]}],
+        },
+        r"variant ls: needs ce, which runs at seeds \[1, 2\] only",
+    ),
 ]
 
 
@@ -186,6 +211,23 @@ def test_needs_wait_for_the_same_seed_and_a_failure_stops_only_its_dependants(tm
     assert "FAILED teacher/seed2" in out and "exit status 1" in out
     assert "not started student/seed2: it needs teacher/seed2, not finished" in out
     assert set(records(tmp_path / "results.jsonl")) == {"teacher/seed1", "student/seed1", "alone/seed1", "alone/seed2"}
+
+
+def test_a_variant_of_one_seed_is_needed_by_every_seed(tmp_path, monkeypatch):
+    """One teacher (seed 0) for the students of every seed: it runs once, and each student waits for that run."""
+    monkeypatch.chdir(tmp_path)
+    teacher = {**CE, "name": "teacher", "seeds": [0]}
+    student = {**LS, "needs": ["teacher"], "overrides": ["--teacher={root}/teacher/seed0/checkpoints/last.ckpt"]}
+    grid = Grid.load(write_grid(tmp_path / "grid.yaml", teacher, student, CE, seeds=[0, 1, 2]))
+    assert [run.name for run in grid.runs()] == [
+        *("teacher/seed0", "ls/seed0", "ce/seed0", "ls/seed1", "ce/seed1", "ls/seed2", "ce/seed2"),
+    ]
+    assert [run.name for run in grid.runs(["teacher", "ce"])] == ["teacher/seed0", "ce/seed0", "ce/seed1", "ce/seed2"]
+    assert [r.name for seed in (0, 1, 2) for r in Run(grid, grid.variant("ls"), seed).needed] == ["teacher/seed0"] * 3
+    both = Grid.from_dict(
+        {"name": "g", "seeds": [1, 2], "metrics": ["m"], "variants": [{**CE, "seeds": [1, 2]}, {**LS, "needs": ["ce"]}]}
+    )
+    assert [r.name for r in Run(both, both.variant("ls"), 2).needed] == ["ce/seed2"]
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, monkeypatch, capsys):
