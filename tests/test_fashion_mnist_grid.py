@@ -47,10 +47,13 @@ def test_kd_students_of_every_seed_read_the_one_teacher():
     assert grid.variant("teacher").seeds == (0,)
     teacher = load(grid.variant("teacher"))["model"]["init_args"]["backbone"]
     students = [v for v in grid.variants if load(v)["model"]["init_args"].get("teacher_backbone")]
-    assert {v.name for v in students} == {"kd", "kd_pt", "kd_topk"}
+    assert {v.name for v in students} == {"kd", "kd_pt", "kd_topk", "kd_store_r4"}
     for variant in students:
         assert load(variant)["model"]["init_args"]["teacher_backbone"] == teacher
         assert variant.needs == ("teacher",)
-        assert variant.overrides == (
-            "--model.init_args.teacher_checkpoint={root}/teacher/seed0/checkpoints/last.ckpt",
-        )
+        assert variant.overrides[0] == "--model.init_args.teacher_checkpoint={root}/teacher/seed0/checkpoints/last.ckpt"
+    assert grid.variant("kd_store_r4").overrides[1:] == (
+        "--model.init_args.teacher_store={root}/stores/seed{seed}",
+        "--model.init_args.store_draws=4",
+        "--model.init_args.store_topk=10",
+    )
