@@ -180,8 +180,12 @@ class Grid:
             Run(self, variant, seed)
             for seed in self.seeds
             for variant in self.variants
-            if variant.name in chosen and seed in (variant.seeds or self.seeds)
+            if variant.name in chosen and seed in self.seeds_of(variant)
         ]
+
+    def seeds_of(self, variant: Variant) -> tuple[int, ...]:
+        """The seeds ``variant`` runs at: its own, else the grid's."""
+        return variant.seeds or self.seeds
 
 
 def _check_keys(spec: Mapping[str, Any], allowed: set[str], required: set[str], where: str) -> None:
@@ -290,7 +294,7 @@ class Run:
         return [self._needed(self.grid.variant(name)) for name in self.variant.needs]
 
     def _needed(self, variant: Variant) -> Run:
-        seeds = variant.seeds or self.grid.seeds
+        seeds = self.grid.seeds_of(variant)
         return Run(self.grid, variant, self.seed if self.seed in seeds else seeds[0])
 
     def command(self, extra: Sequence[str] = ()) -> list[str]:
