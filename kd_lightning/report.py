@@ -3,7 +3,10 @@
 For each variant and metric: the mean ± standard deviation over seeds (sample std, n - 1), the number of seeds, the
 paired difference to the baseline variant (per seed, over the seeds both have: mean ± std of the differences) and
 the paper's number beside ours (with the paper's own difference to its baseline). Accuracies are shown in percent,
-other metrics as they are; a grid's ``paper:`` numbers are in these units. Written next to the results file:
+other metrics as they are (3 decimals for a metric below 1, such as a loss); a grid's ``paper:`` numbers are in these
+units. When the records have wall times, a last column gives each variant's minutes per run and, against the
+baseline, the per-seed ratio of the wall times (mean ± std): the method's overhead end to end, on this machine; a
+resumed run counts only its last start, so it is left out of that column. Written next to the results file:
 ``report.md`` (Markdown), ``report.csv`` (one row per variant and metric) and ``curves.png``: the first metric's
 validation counterpart (``val/ppl`` for ``test/ppl``) per variant against the epoch, mean over seeds (thick) and
 each seed (thin), read from each run's TensorBoard event files or ``metrics.csv``.
@@ -25,6 +28,9 @@ from kd_lightning.grid import Grid, GridError, read_curve, validation_tag
 __all__ = ["Cell", "ReportSpec", "cells", "main", "markdown", "read_results", "validation_curves", "write_report"]
 
 REPORT_FILE = "report.md"
+#: The wall-time column's name: minutes per run (``wall_s`` / 60 of the runs that ran in one go); its paired
+#: "differences" are ratios (this run's time / the baseline's at the same seed).
+WALL = "wall (min)"
 TABLE_FILE = "report.csv"
 CURVES_FILE = "curves.png"
 CURVES_TABLE = "curves.csv"
@@ -129,19 +135,23 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def cells(records: Sequence[Mapping[str, Any]], spec: ReportSpec) -> list[Cell]:
-    """The table's cells, variant by variant, metric by metric."""
+    """The table's cells, variant by variant, metric by metric (and :data:`WALL` last when a record has a wall
+    time)."""
     by_variant: dict[str, dict[int, Mapping[str, float]]] = {}
     for record in records:
-        by_variant.setdefault(record["variant"], {})[record["seed"]] = record["metrics"]
+        by_variant.setdefault(record["variant"], {})[record["seed"]] = _with_wall(record)
+    metrics = spec.metrics + ((WALL,) if any(WALL in m for runs in by_variant.values() for m in runs.values()) else ())
     table = []
     for variant in spec.variants:
         runs, baseline = by_variant.get(variant, {}), spec.baselines.get(variant)
         base = by_variant.get(baseline, {}) if baseline else {}
-        for metric in spec.metrics:
+        for metric in metrics:
             scale = unit_scale(metric)
             values = tuple(scale * m[metric] for m in runs.values() if metric in m)
             paired = sorted(seed for seed in runs if seed in base and metric in runs[seed] and metric in base[seed])
-            diffs = tuple(scale * (runs[seed][metric] - base[seed][metric]) for seed in paired) if baseline else None
+            diffs = (
+                tuple(_paired(metric, runs[seed][metric], base[seed][metric]) for seed in paired) if baseline else None
+            )
             paper = spec.paper.get(variant, {}).get(metric)
             paper_base = spec.paper.get(baseline, {}).get(metric) if baseline else None
             paper_diff = None if paper is None or paper_base is None else paper - paper_base
@@ -149,16 +159,47 @@ def cells(records: Sequence[Mapping[str, Any]], spec: ReportSpec) -> list[Cell]:
     return table
 
 
-def _number(values: Sequence[float], signed: bool = False) -> str:
+def _paired(metric: str, value: float, base: float) -> float:
+    """A seed's paired comparison: the difference in the metric's unit, the ratio of the times for :data:`WALL`."""
+    return value / base if metric == WALL else unit_scale(metric) * (value - base)
+
+
+def _with_wall(record: Mapping[str, Any]) -> Mapping[str, float]:
+    """The record's metrics, with :data:`WALL` when it has a wall time that covers the whole run (not resumed)."""
+    wall_s = record.get("wall_s")
+    if wall_s is None or record.get("resumed"):
+        return record["metrics"]
+    return {**record["metrics"], WALL: wall_s / 60.0}
+
+
+def decimals(table: Sequence[Cell], metric: str) -> int:
+    """How many decimals a metric's column shows: 1 for :data:`WALL`, 3 when every value is below 1 in magnitude (a
+    loss), else 2."""
+    if metric == WALL:
+        return 1
+    values = [v for c in table if c.metric == metric for v in c.values]
+    return 3 if values and max(map(abs, values)) < 1.0 else 2
+
+
+def _number(values: Sequence[float], signed: bool = False, digits: int = 2, suffix: str = "") -> str:
     if not values:
         return "-"
     mean, std = mean_std(values)
-    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
-    return text if std is None else f"{text} ± {std:.2f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{text}{suffix}" if std is None else f"{text}{suffix} ± {std:.{digits}f}"
 
 
-def _plain(value: float | None, signed: bool = False) -> str:
-    return "-" if value is None else (f"{value:+.2f}" if signed else f"{value:.2f}")
+def _plain(value: float | None, signed: bool = False, digits: int = 2) -> str:
+    return "-" if value is None else (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}")
+
+
+def _difference(cell: Cell, digits: int) -> str:
+    """A cell's paired differences (ratios for :data:`WALL`, as ``1.65x``)."""
+    if cell.diffs is None:
+        return "-"
+    if cell.metric == WALL:
+        return _number(cell.diffs, suffix="x")
+    return _number(cell.diffs, signed=True, digits=digits)
 
 
 def markdown(table: Sequence[Cell], spec: ReportSpec, records: Sequence[Mapping[str, Any]]) -> str:
@@ -166,33 +207,41 @@ def markdown(table: Sequence[Cell], spec: ReportSpec, records: Sequence[Mapping[
 
     With one baseline the difference column says which ("Δ vs SGD"); with one per row, a "vs" column names each.
     """
-    with_paper = {m for m in spec.metrics if any(c.paper is not None for c in table if c.metric == m)}
+    metrics = tuple(dict.fromkeys(c.metric for c in table))
+    with_paper = {m for m in metrics if any(c.paper is not None for c in table if c.metric == m)}
     shared = set(spec.baselines.values())
     one_baseline = spec.label(next(iter(shared))) if len(shared) == 1 else None
     header = ["variant", "n"] + ([] if one_baseline or not shared else ["vs"])
-    for metric in spec.metrics:
+    for metric in metrics:
         header.append(f"{metric} (%)" if unit_scale(metric) != 1 else metric)
-        header += [f"Δ vs {one_baseline}" if one_baseline else "Δ"] if shared else []
+        header += [_difference_header(metric, one_baseline)] if shared else []
         header += (["paper", "paper Δ"] if shared else ["paper"]) if metric in with_paper else []
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    digits = {metric: decimals(table, metric) for metric in metrics}
     for variant in spec.variants:
         row = [c for c in table if c.variant == variant]
-        values = [spec.label(variant), str(max(len(c.values) for c in row))]
+        values = [spec.label(variant), str(max(len(c.values) for c in row if c.metric != WALL))]
         if shared and not one_baseline:
             values.append(spec.label(spec.baselines[variant]) if variant in spec.baselines else "-")
         for cell in row:
-            values.append(_number(cell.values))
+            values.append(_number(cell.values, digits=digits[cell.metric]))
             if shared:
-                values.append("-" if cell.diffs is None else _number(cell.diffs, signed=True))
+                values.append(_difference(cell, digits[cell.metric]))
             if cell.metric in with_paper:
-                values.append(_plain(cell.paper))
+                values.append(_plain(cell.paper, digits=digits[cell.metric]))
                 if shared:
-                    values.append(_plain(cell.paper_diff, signed=True))
+                    values.append(_plain(cell.paper_diff, signed=True, digits=digits[cell.metric]))
         lines.append(f"| {' | '.join(values)} |")
-    return "\n".join([f"## {spec.title}", "", *lines, "", _note(spec, records), ""])
+    return "\n".join([f"## {spec.title}", "", *lines, "", _note(spec, records, WALL in metrics), ""])
 
 
-def _note(spec: ReportSpec, records: Sequence[Mapping[str, Any]]) -> str:
+def _difference_header(metric: str, baseline: str | None) -> str:
+    if metric == WALL:
+        return f"x {baseline}" if baseline else "x"
+    return f"Δ vs {baseline}" if baseline else "Δ"
+
+
+def _note(spec: ReportSpec, records: Sequence[Mapping[str, Any]], wall: bool) -> str:
     seeds = sorted({r["seed"] for r in records})
     commits = sorted(
         {f"{r['commit'][:10]}{' (modified)' if r.get('dirty') else ''}" for r in records if r.get("commit")}
@@ -204,15 +253,23 @@ def _note(spec: ReportSpec, records: Sequence[Mapping[str, Any]]) -> str:
         else ""
     )
     percent = "; accuracies in %" if any(unit_scale(metric) == 100.0 for metric in spec.metrics) else ""
+    timing = (
+        f"; {WALL}: minutes per run, start to end (validation and test included), of the runs that ran in one go (a "
+        "resumed run is left out), with the runs that shared the machine at the time; x: the paired ratio to the "
+        "baseline's time"
+        if wall
+        else ""
+    )
     return (
-        f"Mean ± sample std over seeds {', '.join(map(str, seeds)) or '-'} (n: seeds per variant){paired}{percent}. "
-        f"Commit(s): {', '.join(commits) or 'unknown'}."
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds)) or '-'} (n: seeds per variant){paired}{percent}"
+        f"{timing}. Commit(s): {', '.join(commits) or 'unknown'}."
     )
 
 
 def write_csv(path: Path, table: Sequence[Cell], spec: ReportSpec) -> None:
     """One row per variant and metric (:data:`CSV_COLUMNS`): the seeds' n, mean and std, the paired differences'
-    n, mean and std, the paper's number and its difference to the paper's baseline; empty where there is none."""
+    n, mean and std (for :data:`WALL`, unit ``min``: the ratios to the baseline's time), the paper's number and its
+    difference to the paper's baseline; empty where there is none."""
     with path.open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -220,10 +277,14 @@ def write_csv(path: Path, table: Sequence[Cell], spec: ReportSpec) -> None:
             mean, std = mean_std(cell.values) if cell.values else (None, None)
             diff_mean, diff_std = mean_std(cell.diffs) if cell.diffs else (None, None)
             row = {"variant": cell.variant, "label": spec.label(cell.variant), "metric": cell.metric}
-            row |= {"unit": "%" if unit_scale(cell.metric) != 1 else "", "n": len(cell.values)}
+            row |= {"unit": _unit(cell.metric), "n": len(cell.values)}
             row |= {"mean": mean, "std": std, "diff_n": None if cell.diffs is None else len(cell.diffs)}
             row |= {"diff_mean": diff_mean, "diff_std": diff_std, "paper": cell.paper, "paper_diff": cell.paper_diff}
             writer.writerow({key: _csv(value) for key, value in row.items()})
+
+
+def _unit(metric: str) -> str:
+    return "min" if metric == WALL else "%" if unit_scale(metric) != 1 else ""
 
 
 def _csv(value: Any) -> Any:

@@ -406,6 +406,49 @@ def test_a_table_with_a_baseline_per_row_names_each(tmp_path, monkeypatch, capsy
         main(["report", str(grid), "--baseline", "nope"])
 
 
+def test_report_gives_wall_minutes_and_their_ratio_and_three_decimals_for_a_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grid = write_grid(
+        tmp_path / "grid.yaml",
+        *({**CE, "name": n, "label": lab, "paper": {}} for n, lab in (("base", "base"), ("m", "Method"))),
+        seeds=[1, 2, 3],
+    )
+    runs = {  # (variant, seed): accuracy, loss, wall time (s), resumed
+        ("base", 1): (0.70, 0.05, 600.0, False),
+        ("base", 2): (0.72, 0.07, 720.0, False),
+        ("base", 3): (0.74, 0.06, 900.0, False),
+        ("m", 1): (0.73, 0.30, 1200.0, False),
+        ("m", 2): (0.74, 0.34, 1800.0, False),
+        ("m", 3): (0.75, 0.32, 99.0, True),  # resumed: its wall time is only its last start's
+    }
+    results = tmp_path / "runs" / "tiny" / "results.jsonl"
+    results.parent.mkdir(parents=True)
+    lines = [
+        {"variant": v, "seed": s, "metrics": {"test/acc1": a, "train/loss": loss}, "wall_s": w, "resumed": r}
+        for (v, s), (a, loss, w, r) in runs.items()
+    ]
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["report", str(grid), "--baseline", "base", "--metrics", "test/acc1", "train/loss"]) is None
+    table = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    # wall: base 10, 12, 15 min -> 12.3 ± 2.5; m 20, 30 -> 25.0 ± 7.1, ratios 2.0, 2.5 -> 2.25 ± 0.35
+    # loss: base 0.060 ± 0.010; m 0.320 ± 0.020; paired +0.25, +0.27, +0.26 -> +0.260 ± 0.010
+    header = "| variant | n | test/acc1 (%) | Δ vs base | train/loss | Δ vs base | wall (min) | x base |"
+    assert header in table
+    assert "| base | 3 | 72.00 ± 2.00 | - | 0.060 ± 0.010 | - | 12.3 ± 2.5 | - |" in table
+    assert (
+        "| Method | 3 | 74.00 ± 1.00 | +2.00 ± 1.00 | 0.320 ± 0.020 | +0.260 ± 0.010 | 25.0 ± 7.1 | 2.25x ± 0.35 |"
+        in table
+    )
+    assert "a resumed run is left out" in table
+    with (tmp_path / "runs" / "tiny" / "report.csv").open() as rows:
+        wall = {r["variant"]: r for r in csv.DictReader(rows) if r["metric"] == "wall (min)"}
+    assert wall["m"]["unit"] == "min" and wall["m"]["n"] == "2" and wall["m"]["diff_n"] == "2"
+    assert float(wall["m"]["mean"]) == pytest.approx(25.0) and float(wall["m"]["diff_mean"]) == pytest.approx(2.25)
+    without = [{k: v for k, v in line.items() if k != "wall_s"} for line in lines]
+    spec = ReportSpec("no times", ("base", "m"), ("test/acc1",))
+    assert "wall" not in markdown(cells(without, spec), spec, without)
+
+
 def test_report_reads_csv_logs_and_draws_the_curves(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
