@@ -165,22 +165,28 @@ class Grid:
         baseline = variant.baseline or self.baseline
         return None if baseline == variant.name else baseline
 
-    def runs(self, variants: Iterable[str] | None = None) -> list[Run]:
-        """The grid's runs, seed by seed (every variant of the first seed first: paired results come early).
+    def runs(self, variants: Iterable[str] | None = None, seeds: Iterable[int] | None = None) -> list[Run]:
+        """The grid's runs, seed by seed (every variant of the first seed first: paired results come early), the
+        variants in the grid's order or in the order ``variants`` names them (a long run first, short ones after);
+        ``seeds``: some of the grid's seeds only.
 
         Raises:
-            GridError: ``variants`` names a variant the grid does not have.
+            GridError: ``variants`` names a variant the grid does not have, ``seeds`` a seed it does not run.
         """
         names = [v.name for v in self.variants]
-        chosen = names if variants is None else list(variants)
+        chosen = names if variants is None else list(dict.fromkeys(variants))
         unknown = [name for name in chosen if name not in names]
         if unknown:
             raise GridError(f"{self.name}: no variant {', '.join(unknown)}; the variants: {', '.join(names)}")
+        wanted = self.seeds if seeds is None else list(dict.fromkeys(seeds))
+        missing = [str(seed) for seed in wanted if seed not in self.seeds]
+        if missing:
+            raise GridError(f"{self.name}: no seed {', '.join(missing)}; the seeds: {', '.join(map(str, self.seeds))}")
         return [
-            Run(self, variant, seed)
-            for seed in self.seeds
-            for variant in self.variants
-            if variant.name in chosen and seed in self.seeds_of(variant)
+            Run(self, self.variant(name), seed)
+            for seed in wanted
+            for name in chosen
+            if seed in self.seeds_of(self.variant(name))
         ]
 
     def seeds_of(self, variant: Variant) -> tuple[int, ...]:

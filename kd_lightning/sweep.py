@@ -128,16 +128,18 @@ def run_grid(
     results: Path,
     extra: Sequence[str] = (),
     variants: Iterable[str] | None = None,
+    seeds: Iterable[int] | None = None,
 ) -> list[Run]:
     """Run the unfinished runs of ``grid``, at most ``capacity`` at a time (``None``: all that are ready).
 
     Finished runs are skipped (their record is added to ``results`` if it lacks it); a run starts once the runs it
     ``needs`` have finished; a failed run does not stop the others (those that need it are not started).
+    ``variants`` and ``seeds``: some of the grid's only, in that order (:meth:`Grid.runs`).
 
     Returns:
         The runs that failed or could not start.
     """
-    runs = grid.runs(variants)
+    runs = grid.runs(variants, seeds)
     provenance = _provenance()
     recorded = {(r["variant"], r["seed"]) for r in _read_records(results)}
     for run in runs:
@@ -251,9 +253,11 @@ def _progress(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def dry_run(grid: Grid, extra: Sequence[str], variants: Iterable[str] | None) -> None:
+def dry_run(
+    grid: Grid, extra: Sequence[str], variants: Iterable[str] | None, seeds: Iterable[int] | None = None
+) -> None:
     """Print each run's state and the command a sweep would run (nothing is started)."""
-    for run in grid.runs(variants):
+    for run in grid.runs(variants, seeds):
         state = "finished" if run.finished else "resume" if run.interrupted else "new"
         print(f"{run.name:<30} {state:<9} {'' if run.finished else shlex.join(run.start_command(extra))}")
 
@@ -284,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="print each run's state and command; run nothing")
     parser.add_argument("--results", type=Path, help="the results file (default: <root>/results.jsonl)")
-    parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="run only these variants, in this order within a seed (e.g. the longest first, to fit a time window)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds (of the grid's)")
     slurm = parser.add_argument_group("slurm / submitit-local")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--account", help="SLURM account")
@@ -313,14 +323,14 @@ def main(argv: Sequence[str]) -> int:
         raise GridError(f"--jobs must be >= 1, got {options.jobs}")
     grid = Grid.load(options.grid)
     if options.dry_run:
-        dry_run(grid, extra, options.variants)
+        dry_run(grid, extra, options.variants, options.seeds)
         return 0
     results = options.results or grid.results_file
     waiters = (options.jobs or 1) if options.executor == "local" else WAITERS  # a thread per run waited for
     with ThreadPoolExecutor(max_workers=waiters) as pool:
         launcher, capacity = _launcher(options, grid, pool)
         try:
-            failed = run_grid(grid, launcher, capacity, results, extra, options.variants)
+            failed = run_grid(grid, launcher, capacity, results, extra, options.variants, options.seeds)
         except KeyboardInterrupt:
             _progress("interrupted: waiting for the running runs to stop; the same command resumes the grid")
             return 130

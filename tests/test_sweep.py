@@ -227,6 +227,13 @@ def test_a_variant_of_one_seed_is_needed_by_every_seed(tmp_path, monkeypatch):
         *("teacher/seed0", "ls/seed0", "ce/seed0", "ls/seed1", "ce/seed1", "ls/seed2", "ce/seed2"),
     ]
     assert [run.name for run in grid.runs(["teacher", "ce"])] == ["teacher/seed0", "ce/seed0", "ce/seed1", "ce/seed2"]
+    # the order given (a long run first), some seeds only; a seed or variant the grid lacks is named
+    assert [run.name for run in grid.runs(["ce", "ls", "ce"], seeds=[2, 0])] == [
+        *("ce/seed2", "ls/seed2", "ce/seed0", "ls/seed0"),
+    ]
+    assert [run.name for run in grid.runs(seeds=[1])] == ["ls/seed1", "ce/seed1"]
+    with pytest.raises(GridError, match=r"no seed 3, 4; the seeds: 0, 1, 2"):
+        grid.runs(seeds=[3, 1, 4])
     assert [r.name for seed in (0, 1, 2) for r in Run(grid, grid.variant("ls"), seed).needed] == ["teacher/seed0"] * 3
     both = Grid.from_dict(
         {"name": "g", "seeds": [1, 2], "metrics": ["m"], "variants": [{**CE, "seeds": [1, 2]}, {**LS, "needs": ["ce"]}]}
@@ -243,6 +250,8 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, monkeypatch, cap
     names = ["ce/seed1", "ls/seed1", "ce/seed2", "ls/seed2"]
     assert [line.split()[:2] for line in lines] == [[name, "new"] for name in names]
     assert all("--trainer.max_epochs=3 --seed_everything" in line for line in lines)
+    assert main(["sweep", str(grid), "--dry-run", "--variants", "ls", "ce", "--seeds", "2"]) is None
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["ls/seed2", "ce/seed2"]
     assert not (tmp_path / "runs").exists()
 
 
@@ -486,7 +495,17 @@ def test_report_reads_csv_logs_and_draws_the_curves(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ("sweep", ["--jobs", "--executor {local,slurm,submitit-local}", "--dry-run", "--partition", "--gpus-per-node"]),
+        (
+            "sweep",
+            [
+                "--jobs",
+                "--executor {local,slurm,submitit-local}",
+                "--dry-run",
+                "--seeds",
+                "--partition",
+                "--gpus-per-node",
+            ],
+        ),
         ("report", ["--out", "--baseline", "results file (JSON lines) or the grid file"]),
     ],
 )
